@@ -1,0 +1,225 @@
+"""Tests of Flow-GRPO: the math against independent computations, the toy, and the full SD3 path on
+tiny random models built here (no model hub is ever contacted)."""
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import flow_grpo as F
+
+# ------------------------------------------------------------------------------------------------
+# The math
+# ------------------------------------------------------------------------------------------------
+
+
+def gaussian_target_velocity(x, sigma, m, s):
+    """Exact rectified-flow velocity E[eps - x0 | x_sigma = x] for data x0 ~ N(m, s^2 I)."""
+    var = (1 - sigma) ** 2 * s**2 + sigma**2
+    centred = x - (1 - sigma) * m
+    x0_mean = m + (1 - sigma) * s**2 / var * centred
+    eps_mean = sigma / var * centred
+    return eps_mean - x0_mean
+
+
+@pytest.mark.parametrize("step", [F.sde_step, F.cps_step])
+def test_noise_level_zero_is_the_euler_ode_step(step):
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    out = step(v, x, 0.7, 0.55, noise_level=0.0)
+    torch.testing.assert_close(out.prev_x, x + v * (0.55 - 0.7), rtol=0, atol=1e-6)
+    assert torch.all(out.std == 0)
+    assert torch.all(out.log_prob == 0)  # deterministic step: documented 0, never NaN
+
+
+def test_sde_step_mean_and_std_match_the_spec_formula():
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g)
+    sigma, sigma_next, a = 0.6, 0.45, 0.7
+    sigma_t = a * math.sqrt(sigma / (1 - sigma))
+    dt = sigma_next - sigma
+    mean = x * (1 + sigma_t**2 * dt / (2 * sigma)) + v * (1 + sigma_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    out = F.sde_step(v, x, sigma, sigma_next, a)
+    torch.testing.assert_close(out.mean, mean, rtol=1e-6, atol=1e-6)
+    assert out.std.item() == pytest.approx(sigma_t * math.sqrt(-dt), rel=1e-6)
+
+
+def test_first_step_at_sigma_one_has_std_noise_level():
+    x = torch.randn(4, 8)
+    out = F.sde_step(torch.zeros_like(x), x, 1.0, 0.9601, 0.7)
+    assert out.std.item() == pytest.approx(0.7, rel=1e-6)
+    assert torch.isfinite(out.prev_x).all() and torch.isfinite(out.log_prob).all()
+
+
+@pytest.mark.parametrize("step", [F.sde_step, F.cps_step])
+def test_log_prob_equals_torch_distributions_normal(step):
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)
+    out = step(v, x, 0.8, 0.6, 0.7, generator=g)
+    reference = torch.distributions.Normal(out.mean, out.std.expand_as(out.mean)).log_prob(out.prev_x)
+    torch.testing.assert_close(out.log_prob, reference.mean(dim=(1, 2)), rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_sigmas_equal_one_call_per_sample():
+    g = torch.Generator().manual_seed(3)
+    x, v, prev = (torch.randn(3, 2, 5, generator=g) for _ in range(3))
+    sigmas, sigmas_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.96, 0.45, 0.1])
+    batched = F.sde_step(v, x, sigmas, sigmas_next, 0.7, prev_x=prev)
+    for i in range(3):
+        single = F.sde_step(v[i : i + 1], x[i : i + 1], sigmas[i].item(), sigmas_next[i].item(), 0.7, prev_x=prev[i : i + 1])
+        torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob)
+        torch.testing.assert_close(batched.mean[i : i + 1], single.mean)
+
+
+def test_sde_math_runs_in_float32_for_half_inputs():
+    x, v = torch.randn(2, 4).to(torch.bfloat16), torch.randn(2, 4).to(torch.bfloat16)
+    out = F.sde_step(v, x, 0.5, 0.4, 0.7)
+    assert out.prev_x.dtype == out.log_prob.dtype == out.mean.dtype == torch.float32
+
+
+def test_grad_of_log_prob_wrt_mean_is_noise_over_std():
+    """d log p / d mean = (x_next - mean) / std^2 = eps / std (per element, then averaged)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 10, generator=g)
+    v = torch.randn(2, 10, generator=g, requires_grad=True)
+    out = F.sde_step(v, x, 0.5, 0.4, 0.7, generator=g)
+    eps = (out.prev_x - out.mean).detach() / out.std
+    (grad_mean,) = torch.autograd.grad(out.log_prob.sum(), out.mean)
+    torch.testing.assert_close(grad_mean, eps / out.std / x.shape[1], rtol=1e-5, atol=1e-6)
+
+
+def test_kl_matches_monte_carlo_and_velocity_form():
+    g = torch.Generator().manual_seed(5)
+    x, v, v_ref = (torch.randn(1, 4, generator=g) for _ in range(3))
+    sigma, sigma_next, a = 0.7, 0.6, 0.7
+    theta, ref = F.sde_step(v, x, sigma, sigma_next, a), F.sde_step(v_ref, x, sigma, sigma_next, a)
+    kl = F.gaussian_kl(theta.mean, ref.mean, theta.std)
+    # Monte Carlo: E_{x' ~ pi_theta}[log pi_theta(x') - log pi_ref(x')], both averaged over dims.
+    n = 200_000
+    samples = theta.mean + theta.std * torch.randn(n, 4, generator=g)
+    p = torch.distributions.Normal(theta.mean, theta.std).log_prob(samples).mean(1)
+    q = torch.distributions.Normal(ref.mean, ref.std).log_prob(samples).mean(1)
+    mc = (p - q).mean()
+    standard_error = (p - q).std() / math.sqrt(n)
+    assert abs(kl.item() - mc.item()) < 4 * standard_error.item()
+    # The paper's velocity form (Eq. 10), averaged over the 4 dims.
+    sigma_t = a * math.sqrt(sigma / (1 - sigma))
+    dt = abs(sigma_next - sigma)
+    velocity_form = dt / 2 * (sigma_t * (1 - sigma) / (2 * sigma) + 1 / sigma_t) ** 2 * ((v - v_ref) ** 2).mean()
+    assert kl.item() == pytest.approx(velocity_form.item(), rel=1e-5)
+
+
+def _run_sampler(step, noise_level, m, s, n=20_000, num_steps=100, stop_at=0.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1).double()
+    x = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        if sigma <= stop_at + 1e-9:
+            break
+        v = gaussian_target_velocity(x, sigma, m, s)
+        x = step(v, x, sigma.item(), sigma_next.item(), noise_level, generator=g).prev_x
+    return x
+
+
+@pytest.mark.parametrize("noise_level", [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("stop_at", [0.5, 0.0])
+def test_sde_keeps_the_analytic_marginal(noise_level, stop_at):
+    """Driven by the exact velocity of N(m, s^2 I) data, x_sigma ~ N((1-sigma) m, ((1-sigma)^2 s^2 + sigma^2) I)."""
+    m, s = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
+    x = _run_sampler(F.sde_step, noise_level, m, s, stop_at=stop_at)
+    expected_mean = (1 - stop_at) * m
+    expected_std = math.sqrt((1 - stop_at) ** 2 * s**2 + stop_at**2)
+    torch.testing.assert_close(x.mean(0), expected_mean, rtol=0, atol=0.03)
+    torch.testing.assert_close(x.std(0), torch.full((2,), expected_std, dtype=torch.float64), rtol=0.03, atol=0)
+
+
+def test_sde_without_the_score_correction_does_not_keep_the_marginal():
+    """Control for the test above: adding noise to the plain Euler step widens the final samples."""
+    def naive_step(v, x, sigma, sigma_next, noise_level, generator=None):
+        std = noise_level * math.sqrt(sigma / (1 - sigma) if sigma < 1 else 1 / (1 - sigma_next)) * math.sqrt(sigma - sigma_next)
+        return F.StepOutput(x + v * (sigma_next - sigma) + std * torch.randn(x.shape, generator=generator, dtype=x.dtype), None, None, None)
+
+    x = _run_sampler(naive_step, 0.7, torch.zeros(2, dtype=torch.float64), 0.5)
+    assert x.std(0).min() > 0.5 * 1.5
+
+
+@pytest.mark.parametrize("num_steps", [10, 40])
+def test_cps_keeps_the_mean_and_follows_its_variance_recursion(num_steps):
+    """CPS is exact in mean but, with a posterior-mean velocity, not in variance: its fresh noise does
+    not vanish as steps shrink, so every step swaps part of the noise for the (less variable)
+    prediction. For Gaussian data the variance after a step is closed-form:
+        c = x - (1-sigma) m ~ N(0, V),  x0_hat - m = (1-sigma) s^2 / var * c,  x1_hat = sigma / var * c
+        V_next = [((1-sigma_next)(1-sigma) s^2 + sqrt(sigma_next^2 - std^2) sigma) / var]^2 V + std^2
+    with var = (1-sigma)^2 s^2 + sigma^2. The sampled variance must follow this recursion."""
+    m, s, a = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5, 0.8
+    x = _run_sampler(F.cps_step, a, m, s, num_steps=num_steps)
+    V = 1.0
+    sigmas = torch.linspace(1.0, 0.0, num_steps + 1).double().tolist()
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        var = (1 - sigma) ** 2 * s**2 + sigma**2
+        std = sigma_next * math.sin(a * math.pi / 2)
+        k = ((1 - sigma_next) * (1 - sigma) * s**2 + math.sqrt(sigma_next**2 - std**2) * sigma) / var
+        V = k**2 * V + std**2
+    torch.testing.assert_close(x.mean(0), m, rtol=0, atol=0.02)
+    torch.testing.assert_close(x.var(0), torch.full((2,), V, dtype=torch.float64), rtol=0.04, atol=0)
+    assert V < 0.9 * s**2  # the bias is real: documented in cps_step and the README
+
+
+def test_cps_coefficients_are_preserved():
+    """With x = (1-sigma) x0 + sigma x1 and the exact v = x1 - x0, the CPS mean plus noise has
+    (1 - sigma_next) x0 and, in total, variance sigma_next^2 of unit noise."""
+    g = torch.Generator().manual_seed(6)
+    x0, x1 = torch.randn(50_000, 2, generator=g), torch.randn(50_000, 2, generator=g)
+    sigma, sigma_next, a = 0.8, 0.5, 0.8
+    x = (1 - sigma) * x0 + sigma * x1
+    out = F.cps_step(x1 - x0, x, sigma, sigma_next, a, generator=g)
+    std = sigma_next * math.sin(a * math.pi / 2)
+    torch.testing.assert_close(out.mean, (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, rtol=1e-5, atol=1e-5)
+    noise_part = out.prev_x - (1 - sigma_next) * x0
+    assert noise_part.std().item() == pytest.approx(sigma_next, rel=0.01)
+    assert (noise_part * x0).mean().abs().item() < 0.01  # uncorrelated with the data
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 0.1, 0.1, 0.1, 4.0, 6.0])
+    groups = torch.tensor([0, 0, 0, 7, 7, 7, 3, 3])
+    # Per-group std (paper): group 0 has mean 2, std sqrt(2/3); group 3 has mean 5, std 1.
+    adv = F.group_advantages(rewards, groups, global_std=False)
+    s0 = math.sqrt(2 / 3)
+    expected = torch.tensor([-1 / (s0 + 1e-4), 0, 1 / (s0 + 1e-4), 0, 0, 0, -1 / (1 + 1e-4), 1 / (1 + 1e-4)])
+    torch.testing.assert_close(adv, expected)
+    assert torch.all(adv[3:6] == 0)  # constant group: exactly zero
+    # Global std (official): one population std over all 8 rewards.
+    std = rewards.double().std(correction=0).item()
+    adv = F.group_advantages(rewards, groups, global_std=True)
+    expected = torch.tensor([-1, 0, 1, 0, 0, 0, -1, 1]) / (std + 1e-4)
+    torch.testing.assert_close(adv, expected.float())
+
+
+def test_group_advantages_single_constant_batch_is_zero_not_nan():
+    adv = F.group_advantages(torch.full((6,), 0.3), torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert torch.all(adv == 0)
+
+
+def test_grpo_loss_on_policy_value_and_gradient():
+    """At log_prob == old_log_prob the ratio is 1: L = -mean(A) and dL/dlog_prob = -A / N."""
+    log_prob = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
+    advantages = torch.tensor([1.0, -0.5, 7.0, 0.0])
+    loss = F.grpo_loss(log_prob, log_prob.detach(), advantages, clip_range=1e-4, adv_clip=5.0)
+    clipped = advantages.clamp(-5, 5)
+    assert loss.item() == pytest.approx(-clipped.mean().item())
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    torch.testing.assert_close(grad, -clipped / 4)
+
+
+def test_grpo_loss_clips_the_ratio():
+    old = torch.zeros(2)
+    advantages = torch.tensor([1.0, -1.0])
+    # Ratio 1.5 with a positive advantage: the clipped term (1 + eps) wins and has no gradient.
+    log_prob = torch.log(torch.tensor([1.5, 1.5])).requires_grad_()
+    loss = F.grpo_loss(log_prob, old, advantages, clip_range=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
