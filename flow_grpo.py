@@ -10,6 +10,7 @@ x_sigma = (1 - sigma) * x0 + sigma * eps, the model predicts the velocity v ~ ep
 from sigma = 1 down to 0, so dt = sigma_next - sigma < 0 and the ODE (Euler) step is x + v * dt.
 """
 import math
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -167,3 +168,700 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: f
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
     return torch.maximum(unclipped, clipped).mean()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. The full run: SD3.5-Medium + LoRA
+# --------------------------------------------------------------------------------------------------
+# Heavy libraries are imported inside the functions that need them: `import flow_grpo` and the toy
+# cost only torch.
+
+
+def build_tiny_clip_tokenizer(folder):
+    """A byte-level CLIP BPE tokenizer written from scratch (256 bytes, their `</w>` forms, a few
+    merges), so the CLIP text path runs with nothing downloaded."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    # GPT-2's byte-to-unicode table: printable bytes stand for themselves, the others map past 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>"), ("i", "n")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    # from_pretrained, not the constructor: transformers 5 ignores vocab_file/merges_file there.
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def build_tiny_t5_tokenizer(folder):
+    """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, then letters) built without sentencepiece."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'!?-"]
+    pieces += [("\u2581" + w, -1.0) for w in ("a", "the", "of", "photo", "cat", "dog", "on", "in", "with")]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = os.path.join(folder, "tokenizer.json")
+    tokenizer.save(path)
+    return T5TokenizerFast(tokenizer_file=path, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
+
+
+def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
+    from transformers import CLIPTextConfig
+
+    # CLIP pools at eos_token_id: ids that differ from the tokenizer's would pool the wrong token, silently.
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A randomly initialised SD3.5-shaped pipeline small enough for a CPU (about 0.2 M parameters):
+    MMDiT with a dual-attention layer and RMS qk-norm as SD3.5, an 8x VAE, two CLIPs and a T5."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        clip_tokenizer = build_tiny_clip_tokenizer(folder + "/clip")
+        t5_tokenizer = build_tiny_t5_tokenizer(folder + "/t5")
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+    )
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)), tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)), tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
+
+
+MODEL_ALIASES = {
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+}
+# The joint-attention projections of every MMDiT block. A bare "to_q" would also hit SD3.5's attn2.
+LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+]
+BUILTIN_PROMPTS = [
+    "a red fox curled up asleep in fresh snow", "a lighthouse on a rocky cliff during a thunderstorm",
+    "a bowl of ramen with a soft-boiled egg, studio lighting", "an astronaut reading a newspaper on a park bench",
+    "a watercolor painting of a quiet canal in Venice at dawn", "three green apples on a wooden table",
+    "a cyberpunk street market at night, neon signs reflected in puddles", "a tiny house built inside a hollow tree",
+    "an origami crane made of newspaper", "a golden retriever wearing sunglasses on a surfboard",
+    "a medieval library with towering bookshelves and a spiral staircase", "a glass of orange juice next to a blue mug",
+    "a snow leopard walking along a mountain ridge", "an oil painting of sunflowers in a clay vase",
+    "a steam locomotive crossing a stone viaduct in autumn", "a robot watering plants in a greenhouse",
+    "a close-up of a hummingbird drinking from a purple flower", "a bicycle leaning against a yellow wall",
+    "a bustling harbour with fishing boats at sunrise", "a cozy reading nook with a cat and a knitted blanket",
+    "a desert with a single cactus under a starry sky", "a plate of sushi arranged like a chessboard",
+    "a koi pond with lily pads seen from above", "a vintage red car parked in front of a diner",
+    "a pencil sketch of an old man laughing", "a hot air balloon festival over green hills",
+    "an owl perched on a lantern in a misty forest", "a slice of chocolate cake with raspberries",
+    "a futuristic city floating above the clouds", "two pandas sharing bamboo in the rain",
+    "a wooden sailboat on a calm turquoise lake", "a child building a sandcastle, photographed from low angle",
+]
+BUILTIN_EVAL_PROMPTS = [
+    "a corgi running on a beach at sunset", "a teapot shaped like a pumpkin",
+    "a mountain village covered in snow at night", "a portrait of a woman with freckles in soft window light",
+    "a blue butterfly resting on a white rose", "a stack of pancakes with maple syrup and blueberries",
+    "an isometric illustration of a tiny island with a windmill", "a black cat sitting on a stack of old books",
+]
+
+
+def config_field(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Every field is a CLI flag (--group-size 8). Defaults: the official SD3.5-M PickScore recipe
+    adapted to one GPU (README maps them to the official 32-GPU numbers)."""
+
+    model: str = config_field("sd3.5-medium", "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' (random CPU model)")
+    reward: str = config_field("pickscore", "reward name, weighted mix 'pickscore=1,aesthetic=0.2', or module:function")
+    reward_model_dir: str = config_field("", "NAME=FOLDER[,NAME=FOLDER]: load a reward model from a local folder")
+    prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
+    eval_prompts: str = config_field("", "held-out prompts for evaluation, one per line (default: a built-in set)")
+    out: str = config_field("runs/flow_grpo", "output folder")
+    seed: int = config_field(0, "seed of the prompt stream, the noise and the LoRA init")
+    # Sampling (paper Sec. 4.1 and 4.2)
+    resolution: int = config_field(512, "image side in pixels")
+    num_steps: int = config_field(10, "denoising steps of a training rollout (denoising reduction: 10, not 40)")
+    eval_num_steps: int = config_field(40, "denoising steps of the evaluation ODE")
+    guidance_scale: float = config_field(4.5, "classifier-free guidance in rollout, training and eval; 1 turns CFG off")
+    sde_type: str = config_field("sde", "'sde' (Flow-GRPO, Eq. 9) or 'cps' (coefficients-preserving sampling)")
+    noise_level: float = config_field(0.7, "a in sigma_t = a sqrt(sigma / (1 - sigma)); for cps, a in std = sigma_next sin(a pi / 2)")
+    sde_window: int = config_field(0, "Flow-GRPO-Fast: only K consecutive SDE steps (ODE elsewhere), and only they are trained; 0 = all")
+    # GRPO (paper Sec. 4.3, Eq. 4-6)
+    group_size: int = config_field(8, "images per prompt, G (official: 24)")
+    groups_per_step: int = config_field(8, "prompts per step, summed over all ranks (official: 48)")
+    batch_size: int = config_field(8, "images per forward pass and rank; a multiple of group_size")
+    updates_per_step: int = config_field(2, "optimizer steps per rollout step (gradient accumulation in between)")
+    clip_range: float = config_field(1e-4, "epsilon of the clipped ratio (log-probs are averaged over dims, hence tiny)")
+    adv_clip: float = config_field(5.0, "advantages are clamped to +-adv_clip")
+    global_std: bool = config_field(True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)")
+    beta: float = config_field(0.01, "KL weight (official: 0.01 PickScore, 0.04 GenEval/OCR)")
+    kl_dt_scale: bool = config_field(True, "KL as the official code, |dt| x the exact KL: the scale beta was tuned for")
+    train_fraction: float = config_field(0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never")
+    # Optimiser and LoRA
+    lr: float = config_field(3e-4, "AdamW learning rate (constant)")
+    weight_decay: float = config_field(1e-4, "AdamW weight decay")
+    max_grad_norm: float = config_field(1.0, "gradient-norm clip")
+    lora_rank: int = config_field(32, "LoRA rank r")
+    lora_alpha: int = config_field(64, "LoRA alpha")
+    ema: bool = config_field(True, "evaluate and save an EMA of the LoRA (decay min((1+k)/(10+k), 0.9))")
+    ema_every: int = config_field(8, "update the EMA every this many optimizer steps")
+    # Run
+    max_steps: int = config_field(300, "rollout-and-update steps")
+    eval_every: int = config_field(10, "evaluate every this many steps (and at the start and the end)")
+    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA and SDE math stay fp32)")
+
+
+def parse_config(argv=None) -> Config:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line and exit status 2, never a traceback."""
+
+
+def load_pipeline(model: str, dtype: torch.dtype):
+    """SD3 pipeline from an alias, a hub id, a local diffusers folder or 'tiny'."""
+    import os
+
+    if model == "tiny":
+        pipe = build_tiny_pipeline()
+        return pipe if dtype == torch.float32 else pipe.to(dtype)
+    from diffusers import StableDiffusion3Pipeline
+
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+            raise UsageError(f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)")
+    elif model in MODEL_ALIASES:
+        model = MODEL_ALIASES[model]
+    elif model.count("/") != 1:
+        raise UsageError(f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a local folder")
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+    except OSError as error:
+        raise UsageError(f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the model elsewhere and pass its local folder with --model PATH") from None
+
+
+def add_lora(transformer, cfg: Config):
+    """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy."""
+    from peft import LoraConfig, get_peft_model
+
+    transformer.requires_grad_(False)
+    lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    torch.manual_seed(cfg.seed)
+    # autocast_adapter_dtype (default) keeps the LoRA in fp32 over bf16/fp16 base weights.
+    return get_peft_model(transformer, lora_config), lora_config
+
+
+def lora_parameters(transformer):
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+class TextEmbeddings(NamedTuple):
+    embeds: torch.Tensor  # [2B or B, tokens, dim]: negative first when CFG is on, as the pipeline
+    pooled: torch.Tensor
+
+
+def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
+    """CLIP-L + CLIP-G + T5 (128 tokens) embeddings, each prompt repeated group_size times; with CFG
+    the embeddings of the negative prompt "" come first."""
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, num_images_per_prompt=group_size,
+            do_classifier_free_guidance=guidance_scale > 1, negative_prompt="", max_sequence_length=128,
+        )
+    if guidance_scale > 1:
+        return TextEmbeddings(torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]))
+    return TextEmbeddings(embeds, pooled)
+
+
+def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
+    """v = v_uncond + w (v_cond - v_uncond), in fp32 whatever the model's dtype."""
+    cfg = guidance_scale > 1
+    model_input = torch.cat([x, x]) if cfg else x
+    dtype = text.embeds.dtype
+    v = transformer(
+        hidden_states=model_input.to(dtype), timestep=timestep.expand(model_input.shape[0]),
+        encoder_hidden_states=text.embeds, pooled_projections=text.pooled, return_dict=False,
+    )[0].float()
+    if cfg:
+        v_uncond, v_cond = v.chunk(2)
+        v = v_uncond + guidance_scale * (v_cond - v_uncond)
+    return v
+
+
+class Trajectory(NamedTuple):
+    latents: torch.Tensor  # [B, T+1, C, H, W]: x at every sigma, from noise to the final sample
+    log_probs: torch.Tensor  # [B, T]: log pi_old(x_{j+1} | x_j) recorded in the rollout
+
+
+def schedule(pipe, num_steps: int, device):
+    """sigmas [T+1] and transformer timesteps [T] of SD3's shifted FlowMatchEulerDiscreteScheduler."""
+    pipe.scheduler.set_timesteps(num_steps, device=device)
+    return pipe.scheduler.sigmas.float(), pipe.scheduler.timesteps.float()
+
+
+@torch.no_grad()
+def sample(transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None) -> Trajectory:
+    """Run the sampler from pure noise: step j uses noise level noise_levels[j] (0 = ODE)."""
+    trajectory, log_probs = [latents.float()], []
+    x = latents.float()
+    for j in range(len(timesteps)):
+        v = guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
+        x, log_prob, _, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
+        trajectory.append(x)
+        log_probs.append(log_prob)
+    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1))
+
+
+def decode_images(pipe, latents):
+    """Final latents -> list of PIL images (uint8: round(255 x), clamped), as the reward models take them."""
+    from PIL import Image
+
+    with torch.no_grad():
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float()
+    pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def sde_and_trained_steps(cfg: Config, generator):
+    """Which steps are stochastic (SDE) and which are trained.
+
+    Flow-GRPO: all steps are SDE; the first int(T * train_fraction) are trained (not the last one,
+    whose std ~0.006 makes its log-prob meaningless). Flow-GRPO-Fast (sde_window K): a window of K
+    SDE steps starting at random in the first half, ODE elsewhere; only the window is trained."""
+    if cfg.sde_window:
+        start = int(torch.randint(0, max(1, cfg.num_steps // 2), (1,), generator=generator))
+        window = list(range(start, min(start + cfg.sde_window, cfg.num_steps - 1)))
+        return window, window
+    return list(range(cfg.num_steps)), list(range(int(cfg.num_steps * cfg.train_fraction)))
+
+
+def ema_update(ema_params, params, optimizer_step: int):
+    """EMA of the LoRA weights with the official warm-up decay min((1 + k) / (10 + k), 0.9)."""
+    decay = min((1 + optimizer_step) / (10 + optimizer_step), 0.9)
+    with torch.no_grad():
+        for ema, p in zip(ema_params, params):
+            ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class swap_in:
+    """Temporarily load other values (the EMA) into the LoRA parameters."""
+
+    def __init__(self, params, values):
+        self.params, self.values = params, values
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.saved):
+                p.copy_(v)
+
+
+def save_lora(transformer, lora_config, folder):
+    """The LoRA in diffusers' format: StableDiffusion3Pipeline.load_lora_weights(folder) loads it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer)
+    state = {k.removeprefix("base_model.model."): v.detach().cpu().contiguous() for k, v in state.items()}
+    # Without the adapter metadata diffusers would scale by 1 instead of alpha / r.
+    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config.to_dict())
+
+
+def read_prompts(path: str, builtin):
+    if not path:
+        return list(builtin)
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}") from None
+    if not prompts:
+        raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def prompts_for_step(prompts, count: int, step: int, seed: int):
+    """The count prompts of a step in an endless stream of seeded shuffles of the prompt list. A pure
+    function of (step, seed): a resumed run continues exactly where it stopped."""
+    start = step * count
+    chosen = []
+    for position in range(start, start + count):
+        epoch, index = divmod(position, len(prompts))
+        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        chosen.append(prompts[int(order[index])])
+    return chosen
+
+
+def seeded(*keys) -> torch.Generator:
+    """A CPU generator for one purpose (rollout noise of a step on a rank, ...): hash of int keys is stable."""
+    return torch.Generator().manual_seed(hash(keys) % 2**63)
+
+
+class Distributed(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Under torchrun: one process per GPU (NCCL), or per CPU process (gloo). Otherwise one process."""
+    import os
+
+    if "RANK" not in os.environ:
+        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+        return Distributed(rank, world, torch.device("cuda", local_rank))
+    torch.distributed.init_process_group("gloo")
+    return Distributed(rank, world, torch.device("cpu"))
+
+
+def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    if dist.world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.world)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params, dist: Distributed):
+    """Data parallelism by hand: one all-reduce of the flattened LoRA gradients per optimizer step.
+    (DDP's wrapper adds nothing here but hooks that fight with disable_adapter and accumulation.)"""
+    if dist.world == 1:
+        return
+    grads = torch.cat([p.grad.flatten() for p in params])
+    torch.distributed.all_reduce(grads)
+    grads /= dist.world
+    offset = 0
+    for p in params:
+        p.grad.copy_(grads[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def check_config(cfg: Config, dist: Distributed):
+    if cfg.group_size < 2:
+        raise UsageError(f"--group-size {cfg.group_size}: GRPO compares samples of a prompt, a group needs at least 2")
+    if cfg.batch_size % cfg.group_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of --group-size {cfg.group_size}: a batch holds whole groups")
+    if cfg.groups_per_step * cfg.group_size % (cfg.batch_size * dist.world):
+        raise UsageError(
+            f"--groups-per-step {cfg.groups_per_step} x --group-size {cfg.group_size} images must split into batches of "
+            f"--batch-size {cfg.batch_size} on {dist.world} process(es)"
+        )
+    if cfg.sde_type not in ("sde", "cps"):
+        raise UsageError(f"--sde-type {cfg.sde_type}: use sde or cps")
+    if not 0 < cfg.noise_level <= 1.5 if cfg.sde_type == "sde" else not 0 < cfg.noise_level <= 1:
+        raise UsageError(f"--noise-level {cfg.noise_level}: must be in (0, 1] (0.7 for sde, 0.8 for cps)")
+    if cfg.sde_window < 0 or cfg.sde_window > cfg.num_steps // 2:
+        raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
+    if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
+
+
+def reward_model_dirs(spec: str):
+    dirs = {}
+    for item in filter(None, spec.split(",")):
+        name, sep, folder = item.partition("=")
+        if not sep or not folder:
+            raise UsageError(f"--reward-model-dir '{item}': write NAME=FOLDER, e.g. pickscore=/models/pickscore")
+        dirs[name.strip()] = folder.strip()
+    return dirs
+
+
+def save_image_grid(images, prompts, path, columns=4):
+    """A PNG of images with their prompts underneath, for a person to look at."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    side = max(256, images[0].width)
+    caption = 48
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % columns) * side, (i // columns) * (side + caption)
+        grid.paste(image.resize((side, side)), (x, y))
+        draw.multiline_text((x + 4, y + side + 2), "\n".join(textwrap.wrap(prompt, side // 7)[:3]), fill="black")
+    grid.save(path)
+
+
+def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_prompts, text_for, step: int):
+    """The paper's evaluation: a 40-step ODE (a = 0) with CFG on held-out prompts, one image each,
+    prompts split over the ranks. Returns the mean of every reward component over all ranks."""
+    from tqdm import tqdm
+
+    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, dist.device)
+    mine = eval_prompts[dist.rank :: dist.world]
+    names = list(reward_fn.names) + ["reward"]
+    images, scores = [], []
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="eval", leave=False, disable=not dist.main):
+        prompts = mine[start : start + cfg.batch_size]
+        noise = torch.randn(len(prompts), *latent_shape(pipe, cfg), generator=seeded(cfg.seed, -1, dist.rank, start))
+        out = sample(transformer, text_for(prompts, 1), noise.to(dist.device), sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps)
+        batch_images = decode_images(pipe, out.latents[:, -1])
+        images += batch_images
+        result = reward_fn(batch_images, prompts)
+        scores.append(torch.stack([result[name] for name in names], dim=1))
+    scores = torch.cat(scores) if scores else torch.zeros(0, len(names))
+    counts = all_gather(torch.tensor([float(len(scores))], device=dist.device), dist)
+    totals = all_gather(scores.sum(0, keepdim=True).to(dist.device), dist).sum(0)
+    if dist.main and images:
+        save_image_grid(images, mine, f"{cfg.out}/eval_{step:05d}.png")
+    return {f"eval_{name}": (totals[i] / counts.sum()).item() for i, name in enumerate(names)}
+
+
+def latent_shape(pipe, cfg: Config):
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return (pipe.transformer.config.in_channels, cfg.resolution // scale, cfg.resolution // scale)
+
+
+def train(cfg: Config):
+    """Flow-GRPO (paper Algorithm 1): sample groups with the SDE, score them, compute group-relative
+    advantages, and take clipped policy-gradient steps with a KL to the frozen model."""
+    import json
+    import os
+    import time
+
+    from tqdm import tqdm
+
+    import rewards
+
+    dist = setup_distributed()
+    check_config(cfg, dist)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
+    prompts, eval_prompts = read_prompts(cfg.prompts, BUILTIN_PROMPTS), read_prompts(cfg.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    try:
+        reward_fn = rewards.load_reward(cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    prepare_output_folder(cfg, dist)
+
+    pipe = load_pipeline(cfg.model, dtype).to(dist.device)
+    pipe.set_progress_bar_config(disable=True)
+    check_resolution(pipe, cfg)
+    transformer, lora_config = add_lora(pipe.transformer, cfg)
+    params = lora_parameters(transformer)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    ema_params = [p.detach().clone() for p in params]
+    step_fn = sde_step if cfg.sde_type == "sde" else cps_step
+
+    def text_for(batch_prompts, repeats):
+        return encode_prompts(pipe, batch_prompts, repeats, cfg.guidance_scale, dist.device)
+
+    def log(record):
+        if dist.main:
+            with open(f"{cfg.out}/metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run_eval(step):
+        with swap_in(params, ema_params if cfg.ema else params):
+            return evaluate(pipe, transformer, cfg, dist, reward_fn, eval_prompts, text_for, step)
+
+    groups_per_rank = cfg.groups_per_step // dist.world
+    prompts_per_batch = cfg.batch_size // cfg.group_size
+    sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)
+    optimizer_step = 0
+    eval_metrics = run_eval(0)
+    if dist.main:
+        print(f"step 0 | eval reward {eval_metrics['eval_reward']:.4f}", flush=True)
+    for step in range(cfg.max_steps):
+        timer = {}
+        started = time.perf_counter()
+        generator = seeded(cfg.seed, step, dist.rank)
+        sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same window on every rank
+        noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
+        step_prompts = prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed)
+        my_prompts = step_prompts[dist.rank * groups_per_rank : (dist.rank + 1) * groups_per_rank]
+
+        # 1. Rollout: G images per prompt with the SDE, recording x_t and log pi_old at every step.
+        batches = []
+        for start in tqdm(range(0, groups_per_rank, prompts_per_batch), desc=f"step {step + 1} rollout", leave=False, disable=not dist.main):
+            batch_prompts = my_prompts[start : start + prompts_per_batch]
+            text = text_for(batch_prompts, cfg.group_size)
+            noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
+            trajectory = sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator)
+            batches.append((batch_prompts, text, trajectory))
+        timer["rollout"] = time.perf_counter() - started
+
+        # 2. Reward of each final image, one batched call per rollout batch.
+        started = time.perf_counter()
+        scores = {}
+        for batch_prompts, _, trajectory in batches:
+            images = decode_images(pipe, trajectory.latents[:, -1])
+            repeated = [p for p in batch_prompts for _ in range(cfg.group_size)]
+            for name, value in reward_fn(images, repeated).items():
+                scores.setdefault(name, []).append(value)
+        scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
+        timer["reward"] = time.perf_counter() - started
+
+        # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks.
+        started = time.perf_counter()
+        group_ids = torch.arange(cfg.groups_per_step).repeat_interleave(cfg.group_size)
+        advantages = group_advantages(scores["reward"], group_ids, cfg.global_std)
+        mine = advantages.view(dist.world, -1)[dist.rank].to(dist.device).split(cfg.batch_size)
+
+        # 4. Policy update (Eq. 5-6, 10): the same batches as the rollout, so the first forward
+        #    reproduces the rollout's exactly (ratio 1); gradients accumulated over updates_per_step.
+        backwards = len(batches) * len(trained_steps)
+        accumulate = max(1, backwards // cfg.updates_per_step)
+        stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
+        skip = bool((advantages == 0).all())  # no signal: nothing to learn from this step
+        progress = tqdm(total=0 if skip else backwards, desc=f"step {step + 1} train", leave=False, disable=not dist.main)
+        for count, ((_, text, trajectory), adv, j) in enumerate(
+            (b, a, j) for b, a in ([] if skip else zip(batches, mine)) for j in trained_steps
+        ):
+            x = trajectory.latents[:, j]
+            v = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
+            out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=trajectory.latents[:, j + 1])
+            old_log_prob = trajectory.log_probs[:, j]
+            policy_loss = grpo_loss(out.log_prob, old_log_prob, adv, cfg.clip_range, cfg.adv_clip)
+            kl = torch.zeros(())
+            if cfg.beta > 0:
+                with torch.no_grad(), transformer.disable_adapter():
+                    v_ref = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
+                ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
+                kl = gaussian_kl(out.mean, ref_mean, out.std).mean() * (abs(sigmas[j + 1] - sigmas[j]) if cfg.kl_dt_scale else 1)
+            loss = policy_loss + cfg.beta * kl
+            (loss / accumulate).backward()
+            with torch.no_grad():
+                delta = out.log_prob - old_log_prob
+                stats["loss"].append(loss.item())
+                stats["policy_loss"].append(policy_loss.item())
+                stats["kl"].append(kl.item())
+                stats["approx_kl"].append(0.5 * (delta**2).mean().item())
+                stats["clip_fraction"].append(((delta.exp() - 1).abs() > cfg.clip_range).float().mean().item())
+            if (count + 1) % accumulate == 0 or count + 1 == backwards:
+                average_gradients(params, dist)
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=False)
+                optimizer_step += 1
+                if optimizer_step % cfg.ema_every == 0:
+                    ema_update(ema_params, params, optimizer_step)
+            progress.update()
+        progress.close()
+        timer["train"] = time.perf_counter() - started
+
+        # 5. Log, evaluate, save.
+        record = {"step": step + 1, "optimizer_steps": optimizer_step, "skipped_update": skip}
+        for name, value in scores.items():
+            record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
+        grouped = scores["reward"].view(cfg.groups_per_step, cfg.group_size)
+        record["zero_std_group_ratio"] = (grouped.max(1).values == grouped.min(1).values).float().mean().item()
+        record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
+        record.update({f"seconds_{k}": v for k, v in timer.items()})
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            record.update(run_eval(step + 1))
+        log(record)
+        if dist.main:
+            evaluated = f" | eval reward {record['eval_reward']:.4f}" if "eval_reward" in record else ""
+            print(f"step {step + 1} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | kl {record['kl']:.2e}"
+                  f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
+    if dist.main:
+        with swap_in(params, ema_params if cfg.ema else params):
+            save_lora(transformer, lora_config, f"{cfg.out}/lora")
+    return transformer, params, ema_params
+
+
+def check_resolution(pipe, cfg: Config):
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    patch = pipe.transformer.config.patch_size
+    largest = pipe.transformer.config.pos_embed_max_size * patch * scale
+    if cfg.resolution % (scale * patch) or cfg.resolution > largest:
+        raise UsageError(f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px")
+
+
+def prepare_output_folder(cfg: Config, dist: Distributed):
+    """Never overwrite a run: a folder that already holds one is refused."""
+    import json
+    import os
+
+    if os.path.exists(f"{cfg.out}/config.json"):
+        raise UsageError(f"{cfg.out} already holds a run: choose another --out")
+    if dist.main:
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(f"{cfg.out}/config.json", "w") as f:
+                json.dump(vars(cfg), f, indent=1)
+        except OSError as error:
+            raise UsageError(f"cannot write to output folder {cfg.out}: {error.strerror}") from None
+
+
+def main(argv=None):
+    import sys
+
+    cfg = parse_config(argv)
+    try:
+        train(cfg)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
