@@ -1,14 +1,18 @@
 """Tests of Flow-GRPO: the math against independent computations, the toy, and the full SD3 path on
 tiny random models built here (no model hub is ever contacted)."""
+import io
 import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import flow_grpo as F
+import rewards
 
 # ------------------------------------------------------------------------------------------------
 # The math
@@ -223,3 +227,313 @@ def test_grpo_loss_clips_the_ratio():
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards, on tiny random CLIP models saved to local folders
+# ------------------------------------------------------------------------------------------------
+
+
+def build_tiny_clip(folder, seed=0):
+    """Save a tiny random CLIPModel + CLIPProcessor (32 px, projection 16) into ``folder``."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = F.build_tiny_clip_tokenizer(os.path.join(folder, "_tokenizer"))
+    text = F.tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=16).to_dict()
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8, projection_dim=16)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("tiny_clip"))
+    build_tiny_clip(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_aesthetic_dir(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    folder = str(tmp_path_factory.mktemp("tiny_aesthetic"))
+    build_tiny_clip(folder, seed=1)
+    torch.manual_seed(2)
+    mlp = rewards.AestheticMLP(in_dim=16)
+    save_file(mlp.state_dict(), os.path.join(folder, "aesthetic_mlp.safetensors"))
+    return folder
+
+
+def make_images(n=3, size=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+PROMPTS = ["a cat", "a red dog", "a dog sat on a cat " * 30]  # the last exceeds 77 tokens
+
+
+def hand_clip_scores(folder, images, prompts, scale):
+    """exp(logit_scale) * <t/|t|, v/|v|> / scale, computed directly from the towers."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        v = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        tok = processor.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        t = model.text_projection(model.text_model(**tok).pooler_output)
+        v = v / v.norm(dim=-1, keepdim=True)
+        t = t / t.norm(dim=-1, keepdim=True)
+        return model.logit_scale.exp() * (t * v).sum(-1) / scale, v
+
+
+def assert_scores(out, name, n):
+    assert out[name].dtype == torch.float32 and out[name].shape == (n,)
+    assert out[name].device.type == "cpu" and torch.isfinite(out[name]).all()
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def test_parse_single_and_weighted():
+    assert rewards.parse_reward_spec("pickscore") == [("pickscore", 1.0)]
+    assert rewards.parse_reward_spec(" pickscore=1, aesthetic=0.2 ") == [("pickscore", 1.0), ("aesthetic", 0.2)]
+    assert rewards.parse_reward_spec("mymod:score=0.5,jpeg_compressibility=-1e-1") == [
+        ("mymod:score", 0.5), ("jpeg_compressibility", -0.1)]
+    # Parsing must not import the custom module.
+    assert rewards.parse_reward_spec("no_such_module_xyz:fn") == [("no_such_module_xyz:fn", 1.0)]
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("pikscore", ["unknown reward 'pikscore'", "pickscore", "module:function"]),
+    ("pickscore=abc", ["malformed weight 'abc'", "name=NUMBER"]),
+    ("pickscore=", ["malformed weight"]),
+    ("pickscore=nan", ["malformed weight"]),
+    ("pickscore=1=2", ["malformed weight"]),
+    ("pickscore,,aesthetic", ["empty item"]),
+    ("", ["empty reward spec"]),
+    ("pickscore,pickscore=2", ["appears twice"]),
+    ("my mod:fn", ["malformed custom reward"]),
+    ("mymod:", ["malformed custom reward"]),
+])
+def test_parse_errors(spec, words):
+    with pytest.raises(ValueError) as info:
+        rewards.parse_reward_spec(spec)
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = "import sys, rewards; print(any(m in sys.modules for m in ('transformers', 'huggingface_hub')))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.abspath(rewards.__file__)), check=True)
+    assert res.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- JPEG
+
+
+def test_jpeg_flat_more_compressible_than_noise():
+    flat = Image.new("RGB", (64, 64), (120, 60, 200))
+    noise = make_images(1, size=64)[0]
+    r = rewards.load_reward("jpeg_compressibility,jpeg_incompressibility")
+    out = r([flat, noise], ["x", "y"])
+    comp, incomp = out["jpeg_compressibility"], out["jpeg_incompressibility"]
+    assert (comp < 0).all() and (incomp > 0).all()
+    assert comp[0] > comp[1] and incomp[0] < incomp[1]
+    torch.testing.assert_close(incomp, -comp)
+    torch.testing.assert_close(out["reward"], comp + incomp)
+
+
+def test_jpeg_value_matches_formula():
+    image = make_images(1, size=48, seed=3)[0]
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    expected = -len(buffer.getvalue()) / 1000 / 500
+    got = rewards.load_reward("jpeg_compressibility")([image], ["p"])["reward"]
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_tensor_images_accepted():
+    x = torch.rand(2, 3, 16, 16)
+    pil = [Image.fromarray((img.permute(1, 2, 0) * 255).round().clamp(0, 255).to(torch.uint8).numpy()) for img in x]
+    r = rewards.load_reward("jpeg_compressibility")
+    torch.testing.assert_close(r(x, ["a", "b"])["reward"], r(pil, ["a", "b"])["reward"])
+
+
+def test_prompt_count_mismatch():
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        rewards.load_reward("jpeg_compressibility")(make_images(2), ["a"])
+
+
+# --------------------------------------------------------------------------- CLIP-based
+
+
+def test_pickscore_matches_hand_formula(tiny_clip_dir):
+    images = make_images()
+    r = rewards.load_reward("pickscore", model_dirs={"pickscore": tiny_clip_dir})
+    out = r(images, PROMPTS)
+    assert_scores(out, "pickscore", 3)
+    expected, _ = hand_clip_scores(tiny_clip_dir, images, PROMPTS, 26.0)
+    from transformers import CLIPTokenizer
+
+    assert len(CLIPTokenizer.from_pretrained(tiny_clip_dir)(PROMPTS[2]).input_ids) > 77  # truncation is exercised
+    torch.testing.assert_close(out["pickscore"], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["reward"], out["pickscore"])
+
+
+def test_clipscore_matches_logits_per_image(tiny_clip_dir):
+    from transformers import CLIPModel, CLIPProcessor
+
+    images = make_images(seed=5)
+    out = rewards.load_reward("clipscore", model_dirs={"clipscore": tiny_clip_dir})(images, PROMPTS)
+    assert_scores(out, "clipscore", 3)
+    expected, _ = hand_clip_scores(tiny_clip_dir, images, PROMPTS, 30.0)
+    torch.testing.assert_close(out["clipscore"], expected, atol=1e-5, rtol=1e-5)
+    # Same as the diagonal of the full model's logits_per_image / 30.
+    model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(tiny_clip_dir)
+    inputs = processor(text=PROMPTS, images=images, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        diag = model(**inputs).logits_per_image.diagonal() / 30
+    torch.testing.assert_close(out["clipscore"], diag, atol=1e-5, rtol=1e-5)
+
+
+def test_aesthetic_matches_hand_formula(tiny_aesthetic_dir):
+    from safetensors.torch import load_file
+
+    images = make_images(seed=7)
+    out = rewards.load_reward("aesthetic", model_dirs={"aesthetic": tiny_aesthetic_dir})(images, PROMPTS)
+    assert_scores(out, "aesthetic", 3)
+    _, v = hand_clip_scores(tiny_aesthetic_dir, images, PROMPTS, 1.0)
+    sd = load_file(os.path.join(tiny_aesthetic_dir, "aesthetic_mlp.safetensors"))
+    assert sorted(sd) == sorted(f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias"))
+    h = v
+    for i in (0, 2, 4, 6, 7):  # linear layers only: no activations, dropout is off in eval
+        h = h @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
+    torch.testing.assert_close(out["aesthetic"], h.squeeze(1), atol=1e-5, rtol=1e-5)
+
+
+def test_aesthetic_pth_weights_only(tiny_aesthetic_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "aes_pth"
+    shutil.copytree(tiny_aesthetic_dir, folder)
+    sd = rewards.load_state_dict_file(str(folder / "aesthetic_mlp.safetensors"))
+    os.remove(folder / "aesthetic_mlp.safetensors")
+    torch.save(sd, folder / "sac+logos+ava1-l14-linearMSE.pth")
+    images = make_images(2)
+    a = rewards.load_reward("aesthetic", model_dirs={"aesthetic": str(folder)})(images, PROMPTS[:2])
+    b = rewards.load_reward("aesthetic", model_dirs={"aesthetic": tiny_aesthetic_dir})(images, PROMPTS[:2])
+    torch.testing.assert_close(a["aesthetic"], b["aesthetic"])
+    os.remove(folder / "sac+logos+ava1-l14-linearMSE.pth")
+    with pytest.raises(rewards.RewardModelUnavailable, match="no MLP weights"):
+        rewards.load_reward("aesthetic", model_dirs={"aesthetic": str(folder)})
+
+
+def test_weighted_mix_is_weighted_sum(tiny_clip_dir, tiny_aesthetic_dir):
+    images = make_images(seed=9)
+    spec = "pickscore=1,clipscore=0.5,aesthetic=0.2,jpeg_compressibility=-2,jpeg_incompressibility=0.3"
+    dirs = {"pickscore": tiny_clip_dir, "clipscore": tiny_clip_dir, "aesthetic": tiny_aesthetic_dir}
+    r = rewards.load_reward(spec, model_dirs=dirs)
+    out = r(images, PROMPTS)
+    assert set(out) == {"pickscore", "clipscore", "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "reward"}
+    expected = sum(w * out[name] for name, w in rewards.parse_reward_spec(spec))
+    torch.testing.assert_close(out["reward"], expected)
+    for name in r.names + ["reward"]:
+        assert_scores(out, name, 3)
+
+
+# --------------------------------------------------------------------------- custom rewards
+
+
+CUSTOM_MODULE = '''
+CALLS = []
+import math
+import numpy as np
+def brightness(images, prompts):
+    CALLS.append(len(images))
+    return [float(np.asarray(im).mean()) / 255 for im in images]
+def wrong_shape(images, prompts):
+    return np.zeros((len(images), 2))
+def with_nan(images, prompts):
+    return [math.nan] + [0.0] * (len(images) - 1)
+def not_numbers(images, prompts):
+    return ["good"] * len(images)
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def custom_module(tmp_path, monkeypatch):
+    (tmp_path / "my_reward_mod.py").write_text(CUSTOM_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_reward_mod"
+    import sys
+
+    sys.modules.pop("my_reward_mod", None)
+
+
+def test_custom_reward(custom_module):
+    images = make_images(4)
+    r = rewards.load_reward(f"{custom_module}:brightness=0.5,jpeg_compressibility")
+    out = r(images, ["p"] * 4)
+    expected = torch.tensor([np.asarray(im).mean() / 255 for im in images], dtype=torch.float32)
+    torch.testing.assert_close(out[f"{custom_module}:brightness"], expected)
+    torch.testing.assert_close(out["reward"], 0.5 * expected + out["jpeg_compressibility"])
+    import my_reward_mod
+
+    assert my_reward_mod.CALLS == [4]  # one batched call
+
+
+@pytest.mark.parametrize("fn, words", [
+    ("wrong_shape", ["'my_reward_mod:wrong_shape'", "shape (3, 2)", "expected (3,)"]),
+    ("with_nan", ["'my_reward_mod:with_nan'", "non-finite", "[0]"]),
+    ("not_numbers", ["'my_reward_mod:not_numbers'", "not numbers"]),
+])
+def test_custom_reward_bad_output(custom_module, fn, words):
+    r = rewards.load_reward(f"{custom_module}:{fn}")
+    with pytest.raises(ValueError) as info:
+        r(make_images(3), ["p"] * 3)
+    assert "\n" not in str(info.value)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_custom_reward_load_errors(custom_module):
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
+        rewards.load_reward("no_such_module_xyz:fn")
+    with pytest.raises(ValueError, match="has no function 'missing'"):
+        rewards.load_reward(f"{custom_module}:missing")
+    with pytest.raises(ValueError, match="has no function 'NOT_CALLABLE'"):
+        rewards.load_reward(f"{custom_module}:NOT_CALLABLE")
+
+
+# --------------------------------------------------------------------------- unavailable models
+
+
+def test_hub_model_unavailable_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(rewards.RewardModelUnavailable) as info:
+        rewards.load_reward("pickscore")
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "\n" not in message
+    assert "--reward-model-dir pickscore=FOLDER" in message
+
+
+def test_missing_local_folder_and_bad_model_dir_key(tmp_path):
+    with pytest.raises(rewards.RewardModelUnavailable, match="does not exist"):
+        rewards.load_reward("clipscore", model_dirs={"clipscore": str(tmp_path / "nope")})
+    with pytest.raises(ValueError, match="only pickscore, clipscore, aesthetic"):
+        rewards.load_reward("clipscore", model_dirs={"jpeg_compressibility": str(tmp_path)})
