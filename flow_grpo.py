@@ -256,10 +256,12 @@ def build_tiny_pipeline(seed: int = 0):
         vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
         relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))
+    for module in (transformer, vae, t5):
+        module.eval()  # as from_pretrained leaves them: T5's dropout would make the text embeddings random
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)), tokenizer=clip_tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)), tokenizer_2=clip_tokenizer,
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer_2=clip_tokenizer,
         text_encoder_3=t5, tokenizer_3=t5_tokenizer,
     )
 
@@ -770,6 +772,7 @@ def train(cfg: Config):
         backwards = len(batches) * len(trained_steps)
         accumulate = max(1, backwards // cfg.updates_per_step)
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
+        first_ratio_error = None
         skip = bool((advantages == 0).all())  # no signal: nothing to learn from this step
         progress = tqdm(total=0 if skip else backwards, desc=f"step {step + 1} train", leave=False, disable=not dist.main)
         for count, ((_, text, trajectory), adv, j) in enumerate(
@@ -790,6 +793,8 @@ def train(cfg: Config):
             (loss / accumulate).backward()
             with torch.no_grad():
                 delta = out.log_prob - old_log_prob
+                if first_ratio_error is None:  # before any update: must be 0 (on-policy)
+                    first_ratio_error = (delta.exp() - 1).abs().max().item()
                 stats["loss"].append(loss.item())
                 stats["policy_loss"].append(policy_loss.item())
                 stats["kl"].append(kl.item())
@@ -814,6 +819,7 @@ def train(cfg: Config):
         grouped = scores["reward"].view(cfg.groups_per_step, cfg.group_size)
         record["zero_std_group_ratio"] = (grouped.max(1).values == grouped.min(1).values).float().mean().item()
         record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
+        record["first_ratio_error"] = first_ratio_error
         record.update({f"seconds_{k}": v for k, v in timer.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(run_eval(step + 1))
@@ -825,7 +831,14 @@ def train(cfg: Config):
     if dist.main:
         with swap_in(params, ema_params if cfg.ema else params):
             save_lora(transformer, lora_config, f"{cfg.out}/lora")
-    return transformer, params, ema_params
+    return TrainedRun(pipe, transformer, params, ema_params)
+
+
+class TrainedRun(NamedTuple):
+    pipe: object
+    transformer: torch.nn.Module  # the LoRA-wrapped transformer
+    params: list  # the LoRA parameters
+    ema_params: list
 
 
 def check_resolution(pipe, cfg: Config):

@@ -537,3 +537,147 @@ def test_missing_local_folder_and_bad_model_dir_key(tmp_path):
         rewards.load_reward("clipscore", model_dirs={"clipscore": str(tmp_path / "nope")})
     with pytest.raises(ValueError, match="only pickscore, clipscore, aesthetic"):
         rewards.load_reward("clipscore", model_dirs={"jpeg_compressibility": str(tmp_path)})
+
+
+# ------------------------------------------------------------------------------------------------
+# The full SD3 path, on a tiny random SD3.5-shaped pipeline
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_config(out, **overrides):
+    settings = dict(
+        model="tiny", reward="jpeg_compressibility", resolution=64, group_size=4, groups_per_step=2, batch_size=4,
+        num_steps=4, eval_num_steps=4, max_steps=1, eval_every=100, out=str(out), ema_every=1, lr=1e-2, beta=0.01,
+    )
+    settings.update(overrides)
+    return F.Config(**settings)
+
+
+def read_metrics(folder):
+    import json
+
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    return F.build_tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run") / "out"
+    return F.train(tiny_config(folder)), folder
+
+
+def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_pipe):
+    prompts = ["a photo of a cat", "the dog on a chair"]
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = tiny_pipe(
+        prompt=prompts, latents=latents.clone(), num_inference_steps=6, guidance_scale=4.5, height=64, width=64,
+        output_type="latent", max_sequence_length=128,
+    ).images
+    text = F.encode_prompts(tiny_pipe, prompts, 1, 4.5, "cpu")
+    sigmas, timesteps = F.schedule(tiny_pipe, 6, "cpu")
+    out = F.sample(tiny_pipe.transformer, text, latents, sigmas, timesteps, 4.5, [0.0] * 6)
+    torch.testing.assert_close(out.latents[:, -1], expected, rtol=1e-5, atol=1e-5)
+    assert out.latents.shape == (2, 7, 16, 8, 8)
+
+
+def test_schedule_is_sd3_shifted_with_ten_steps(tiny_pipe):
+    sigmas, _ = F.schedule(tiny_pipe, 10, "cpu")
+    expected = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
+    torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=0, atol=1e-4)
+
+
+def test_kl_to_the_frozen_model_is_zero_before_the_first_update(tiny_pipe, tmp_path):
+    import copy
+
+    transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), tiny_config(tmp_path))
+    text = F.encode_prompts(tiny_pipe, ["a cat"], 2, 4.5, "cpu")
+    x = torch.randn(2, 16, 8, 8)
+    t = torch.tensor(900.0)
+    with torch.no_grad():
+        v = F.guided_velocity(transformer, x, t, text, 4.5)
+        with transformer.disable_adapter():
+            v_ref = F.guided_velocity(transformer, x, t, text, 4.5)
+        # A LoRA with a nonzero B would make these differ: the adapter really is switched off above.
+        next(p for n, p in transformer.named_parameters() if "lora_B" in n).fill_(0.1)
+        v_changed = F.guided_velocity(transformer, x, t, text, 4.5)
+    out, ref = F.sde_step(v, x, 0.9, 0.8, 0.7), F.sde_step(v_ref, x, 0.9, 0.8, 0.7)
+    assert torch.all(F.gaussian_kl(out.mean, ref.mean, out.std) == 0)
+    assert (v_changed - v_ref).abs().max() > 1e-4
+
+
+def test_first_update_is_on_policy_and_metrics_are_logged(trained):
+    _, folder = trained
+    (record,) = read_metrics(folder)
+    assert record["first_ratio_error"] == 0.0  # the training forward reproduces the rollout's exactly
+    assert record["optimizer_steps"] == 2 and not record["skipped_update"]
+    for key in ("reward_mean", "reward_std", "jpeg_compressibility_mean", "eval_reward", "loss", "policy_loss", "kl",
+                "approx_kl", "clip_fraction", "zero_std_group_ratio", "seconds_rollout", "seconds_reward", "seconds_train"):
+        assert math.isfinite(record[key]), key
+    assert record["kl"] > 0 and record["approx_kl"] > 0  # the second update starts off-policy
+    assert os.path.exists(f"{folder}/eval_00000.png") and os.path.exists(f"{folder}/eval_00001.png")
+
+
+def test_training_changes_the_lora_and_nothing_else(trained):
+    run, _ = trained
+    fresh = F.build_tiny_pipeline().transformer.state_dict()
+    for name, p in run.transformer.named_parameters():
+        if "lora_" in name:
+            assert p.requires_grad and "attn2" not in name  # SD3.5's second attention is not a target
+        else:
+            assert not p.requires_grad
+            base_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(p, fresh[base_name]), name
+    lora_b = [p for n, p in run.transformer.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 8 + 7  # 8 targets per block; the last block has no to_add_out (context_pre_only)
+    trained_b = {n for n, p in run.transformer.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
+    # B starts at 0: every adapter was trained but the last block's context query, whose output
+    # (context tokens) the last block throws away.
+    assert len(trained_b) == 14 and not any("blocks.1.attn.add_q_proj" in n for n in trained_b)
+
+
+def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
+    run, folder = trained
+    pipe = F.build_tiny_pipeline()
+    pipe.load_lora_weights(str(folder / "lora"), weight_name="pytorch_lora_weights.safetensors")
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    loaded = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
+                  output_type="latent", max_sequence_length=128).images
+    text = F.encode_prompts(run.pipe, ["a cat"], 1, 4.5, "cpu")
+    sigmas, timesteps = F.schedule(run.pipe, 4, "cpu")
+    with F.swap_in(run.params, run.ema_params):
+        ours = F.sample(run.transformer, text, latents, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1]
+    base = F.sample(run.transformer.get_base_model(), text, latents, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1]
+    torch.testing.assert_close(loaded, ours, rtol=1e-4, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-3  # the LoRA matters: this is not base == base
+    assert any(not torch.equal(p, e) for p, e in zip(run.params, run.ema_params))  # and the EMA is not the raw LoRA
+
+
+def test_window_steps_are_consecutive_in_the_first_half():
+    cfg = F.Config(num_steps=10, sde_window=3)
+    starts = set()
+    for seed in range(40):
+        sde, trained = F.sde_and_trained_steps(cfg, torch.Generator().manual_seed(seed))
+        assert sde == trained == list(range(sde[0], sde[0] + 3))
+        starts.add(sde[0])
+    assert starts == {0, 1, 2, 3, 4}
+    sde, trained = F.sde_and_trained_steps(F.Config(num_steps=10), torch.Generator())
+    assert sde == list(range(10)) and trained == list(range(9))  # the last step is never trained
+
+
+def test_cps_window_run_trains_only_the_window(tmp_path):
+    cfg = tiny_config(tmp_path / "out", sde_type="cps", noise_level=0.8, sde_window=2, num_steps=6, beta=0.0)
+    run = F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    sde, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, 0))
+    # The rollout of that step, redone: log-probs are recorded exactly in the window (ODE steps have none).
+    text = F.encode_prompts(run.pipe, ["a cat"], 4, 4.5, "cpu")
+    sigmas, timesteps = F.schedule(run.pipe, 6, "cpu")
+    levels = [0.8 if j in sde else 0.0 for j in range(6)]
+    trajectory = F.sample(run.transformer, text, torch.randn(4, 16, 8, 8), sigmas, timesteps, 4.5, levels, F.cps_step)
+    assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
