@@ -348,7 +348,13 @@ class Config:
     # Run
     max_steps: int = config_field(300, "rollout-and-update steps")
     eval_every: int = config_field(10, "evaluate every this many steps (and at the start and the end)")
+    save_every: int = config_field(20, "write a checkpoint (LoRA, EMA, optimizer, step) every this many steps")
+    keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
+    resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
     dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA and SDE math stay fp32)")
+    # Memory (a 24 GB GPU: README)
+    precompute_text_embeds: bool = config_field(False, "encode every prompt once at the start, then free the text encoders (T5-XXL alone is 9.5 GB)")
+    gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
 
 
 def parse_config(argv=None) -> Config:
@@ -423,6 +429,32 @@ def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device
     if guidance_scale > 1:
         return TextEmbeddings(torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]))
     return TextEmbeddings(embeds, pooled)
+
+
+def text_encoder_for(pipe, cfg: Config, all_prompts, device):
+    """A function (prompts, repeats) -> TextEmbeddings. With precompute_text_embeds, every prompt is
+    encoded once here and the three text encoders are freed; otherwise prompts are encoded per batch."""
+    if not cfg.precompute_text_embeds:
+        return lambda prompts, repeats: encode_prompts(pipe, prompts, repeats, cfg.guidance_scale, device)
+    import gc
+
+    cache = {p: encode_prompts(pipe, [p], 1, cfg.guidance_scale, device) for p in dict.fromkeys(all_prompts)}
+    cache = {p: TextEmbeddings(e.embeds.cpu(), e.pooled.cpu()) for p, e in cache.items()}
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    def lookup(prompts, repeats):
+        chosen = [cache[p] for p in prompts for _ in range(repeats)]
+        embeds, pooled = torch.cat([c.embeds[-1:] for c in chosen]), torch.cat([c.pooled[-1:] for c in chosen])
+        if cfg.guidance_scale > 1:  # the negative prompt "" is the same for every prompt
+            n = len(chosen)
+            embeds = torch.cat([chosen[0].embeds[:1].expand(n, -1, -1), embeds])
+            pooled = torch.cat([chosen[0].pooled[:1].expand(n, -1), pooled])
+        return TextEmbeddings(embeds.to(device), pooled.to(device))
+
+    return lookup
 
 
 def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
@@ -697,23 +729,28 @@ def train(cfg: Config):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
     prompts, eval_prompts = read_prompts(cfg.prompts, BUILTIN_PROMPTS), read_prompts(cfg.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    check_output_folder(cfg)
     try:
         reward_fn = rewards.load_reward(cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
     except ValueError as error:
         raise UsageError(str(error)) from None
-    prepare_output_folder(cfg, dist)
 
     pipe = load_pipeline(cfg.model, dtype).to(dist.device)
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, cfg)
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
     transformer, lora_config = add_lora(pipe.transformer, cfg)
     params = lora_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     ema_params = [p.detach().clone() for p in params]
     step_fn = sde_step if cfg.sde_type == "sde" else cps_step
-
-    def text_for(batch_prompts, repeats):
-        return encode_prompts(pipe, batch_prompts, repeats, cfg.guidance_scale, dist.device)
+    start_step, optimizer_step = 0, 0
+    if cfg.resume and latest_checkpoint(cfg.out):
+        start_step, optimizer_step = load_checkpoint(latest_checkpoint(cfg.out), params, ema_params, optimizer)
+    if dist.main:
+        write_run_files(cfg, start_step)
+    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device)
 
     def log(record):
         if dist.main:
@@ -727,11 +764,12 @@ def train(cfg: Config):
     groups_per_rank = cfg.groups_per_step // dist.world
     prompts_per_batch = cfg.batch_size // cfg.group_size
     sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)
-    optimizer_step = 0
-    eval_metrics = run_eval(0)
-    if dist.main:
-        print(f"step 0 | eval reward {eval_metrics['eval_reward']:.4f}", flush=True)
-    for step in range(cfg.max_steps):
+    nonfinite_in_a_row = 0
+    if start_step == 0:
+        eval_metrics = run_eval(0)
+        if dist.main:
+            print(f"step 0 | eval reward {eval_metrics['eval_reward']:.4f}", flush=True)
+    for step in range(start_step, cfg.max_steps):
         timer = {}
         started = time.perf_counter()
         generator = seeded(cfg.seed, step, dist.rank)
@@ -756,7 +794,11 @@ def train(cfg: Config):
         for batch_prompts, _, trajectory in batches:
             images = decode_images(pipe, trajectory.latents[:, -1])
             repeated = [p for p in batch_prompts for _ in range(cfg.group_size)]
-            for name, value in reward_fn(images, repeated).items():
+            try:
+                batch_scores = reward_fn(images, repeated)
+            except ValueError as error:  # a custom reward returned the wrong shape or non-finite values
+                raise UsageError(str(error)) from None
+            for name, value in batch_scores.items():
                 scores.setdefault(name, []).append(value)
         scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
         timer["reward"] = time.perf_counter() - started
@@ -773,6 +815,7 @@ def train(cfg: Config):
         accumulate = max(1, backwards // cfg.updates_per_step)
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
         first_ratio_error = None
+        nonfinite_updates = 0
         skip = bool((advantages == 0).all())  # no signal: nothing to learn from this step
         progress = tqdm(total=0 if skip else backwards, desc=f"step {step + 1} train", leave=False, disable=not dist.main)
         for count, ((_, text, trajectory), adv, j) in enumerate(
@@ -802,12 +845,22 @@ def train(cfg: Config):
                 stats["clip_fraction"].append(((delta.exp() - 1).abs() > cfg.clip_range).float().mean().item())
             if (count + 1) % accumulate == 0 or count + 1 == backwards:
                 average_gradients(params, dist)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if torch.isfinite(grad_norm):  # a NaN/inf loss leaves a non-finite gradient: never apply it
+                    optimizer.step()
+                    optimizer_step += 1
+                    nonfinite_in_a_row = 0
+                    if optimizer_step % cfg.ema_every == 0:
+                        ema_update(ema_params, params, optimizer_step)
+                else:
+                    nonfinite_updates += 1
+                    nonfinite_in_a_row += 1
+                    print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", flush=True)
+                    if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                        raise TrainingDiverged(
+                            f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}: lower --lr or "
+                            f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints")
                 optimizer.zero_grad(set_to_none=False)
-                optimizer_step += 1
-                if optimizer_step % cfg.ema_every == 0:
-                    ema_update(ema_params, params, optimizer_step)
             progress.update()
         progress.close()
         timer["train"] = time.perf_counter() - started
@@ -820,6 +873,7 @@ def train(cfg: Config):
         record["zero_std_group_ratio"] = (grouped.max(1).values == grouped.min(1).values).float().mean().item()
         record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
         record["first_ratio_error"] = first_ratio_error
+        record["nonfinite_updates"] = nonfinite_updates
         record.update({f"seconds_{k}": v for k, v in timer.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(run_eval(step + 1))
@@ -828,6 +882,8 @@ def train(cfg: Config):
             evaluated = f" | eval reward {record['eval_reward']:.4f}" if "eval_reward" in record else ""
             print(f"step {step + 1} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer)
     if dist.main:
         with swap_in(params, ema_params if cfg.ema else params):
             save_lora(transformer, lora_config, f"{cfg.out}/lora")
@@ -849,20 +905,112 @@ def check_resolution(pipe, cfg: Config):
         raise UsageError(f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px")
 
 
-def prepare_output_folder(cfg: Config, dist: Distributed):
-    """Never overwrite a run: a folder that already holds one is refused."""
+MAX_NONFINITE_IN_A_ROW = 3
+
+
+class TrainingDiverged(Exception):
+    """Too many non-finite updates in a row: stop rather than train on garbage."""
+
+
+RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
+
+
+def check_output_folder(cfg: Config):
+    """Never overwrite a run; resume only a run with the same config; fail before any work if the
+    folder cannot be written."""
     import json
     import os
 
-    if os.path.exists(f"{cfg.out}/config.json"):
-        raise UsageError(f"{cfg.out} already holds a run: choose another --out")
-    if dist.main:
-        try:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(f"{cfg.out}/config.json", "w") as f:
-                json.dump(vars(cfg), f, indent=1)
-        except OSError as error:
-            raise UsageError(f"cannot write to output folder {cfg.out}: {error.strerror}") from None
+    config_path = f"{cfg.out}/config.json"
+    if os.path.exists(config_path) and not cfg.resume:
+        raise UsageError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+    if cfg.resume:
+        if not os.path.exists(config_path):
+            raise UsageError(f"--resume: {cfg.out} holds no run (no config.json): drop --resume to start one")
+        with open(config_path) as f:
+            saved = json.load(f)
+        differ = [k for k, v in vars(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if differ:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+            raise UsageError(f"--resume: {cfg.out} holds a run with a different config ({detail}): use the same flags or another --out")
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+        probe = f"{cfg.out}/.write_test_{os.getpid()}"
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write to output folder {cfg.out}: {error.strerror}") from None
+
+
+def write_run_files(cfg: Config, start_step: int):
+    """config.json for a new run; on resume, drop the metrics of steps that will be redone."""
+    import json
+    import os
+
+    with open(f"{cfg.out}/config.json.tmp", "w") as f:
+        json.dump({k: v for k, v in vars(cfg).items() if k != "resume"}, f, indent=1)
+    os.replace(f"{cfg.out}/config.json.tmp", f"{cfg.out}/config.json")
+    metrics = f"{cfg.out}/metrics.jsonl"
+    if cfg.resume and os.path.exists(metrics):
+        with open(metrics) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+
+
+def latest_checkpoint(out: str):
+    import glob
+
+    found = sorted(glob.glob(f"{out}/checkpoints/step_*"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer):
+    """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    final = f"{cfg.out}/checkpoints/step_{step:06d}"
+    tmp = f"{cfg.out}/checkpoints/.tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}, f"{tmp}/lora.safetensors")
+    save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_params)}, f"{tmp}/ema.safetensors")
+    torch.save(optimizer.state_dict(), f"{tmp}/optimizer.pt")
+    # All sampling noise comes from generators seeded by (seed, step, rank), so the step restores it;
+    # the global states are kept for anything else that draws from them.
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, f"{tmp}/rng.pt")
+    with open(f"{tmp}/state.json", "w") as f:
+        json.dump({"step": step, "optimizer_step": optimizer_step}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(os.listdir(f"{cfg.out}/checkpoints"))[: -cfg.keep_checkpoints]:
+        if old.startswith("step_"):
+            shutil.rmtree(f"{cfg.out}/checkpoints/{old}")
+
+
+def load_checkpoint(folder: str, params, ema_params, optimizer):
+    import json
+
+    from safetensors.torch import load_file
+
+    for target, name in ((params, "lora"), (ema_params, "ema")):
+        values = load_file(f"{folder}/{name}.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(target):
+                p.copy_(values[str(i)])
+    optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt", weights_only=True))
+    rng = torch.load(f"{folder}/rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    with open(f"{folder}/state.json") as f:
+        state = json.load(f)
+    return state["step"], state["optimizer_step"]
 
 
 def main(argv=None):
@@ -874,6 +1022,9 @@ def main(argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
