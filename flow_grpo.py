@@ -665,6 +665,13 @@ def reward_model_dirs(spec: str):
     return dirs
 
 
+def score(reward_fn, images, prompts):
+    try:
+        return reward_fn(images, prompts)
+    except ValueError as error:  # e.g. a custom reward that returned the wrong shape or non-finite values
+        raise UsageError(str(error)) from None
+
+
 def save_image_grid(images, prompts, path, columns=4):
     """A PNG of images with their prompts underneath, for a person to look at."""
     import textwrap
@@ -698,7 +705,7 @@ def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_
         out = sample(transformer, text_for(prompts, 1), noise.to(dist.device), sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps)
         batch_images = decode_images(pipe, out.latents[:, -1])
         images += batch_images
-        result = reward_fn(batch_images, prompts)
+        result = score(reward_fn, batch_images, prompts)
         scores.append(torch.stack([result[name] for name in names], dim=1))
     scores = torch.cat(scores) if scores else torch.zeros(0, len(names))
     counts = all_gather(torch.tensor([float(len(scores))], device=dist.device), dist)
@@ -794,11 +801,7 @@ def train(cfg: Config):
         for batch_prompts, _, trajectory in batches:
             images = decode_images(pipe, trajectory.latents[:, -1])
             repeated = [p for p in batch_prompts for _ in range(cfg.group_size)]
-            try:
-                batch_scores = reward_fn(images, repeated)
-            except ValueError as error:  # a custom reward returned the wrong shape or non-finite values
-                raise UsageError(str(error)) from None
-            for name, value in batch_scores.items():
+            for name, value in score(reward_fn, images, repeated).items():
                 scores.setdefault(name, []).append(value)
         scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
         timer["reward"] = time.perf_counter() - started

@@ -681,3 +681,158 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     levels = [0.8 if j in sde else 0.0 for j in range(6)]
     trajectory = F.sample(run.transformer, text, torch.randn(4, 16, 8, 8), sigmas, timesteps, 4.5, levels, F.cps_step)
     assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: exact resume, bad input, numerical guards
+# ------------------------------------------------------------------------------------------------
+
+TINY_FLAGS = [
+    "--model", "tiny", "--reward", "jpeg_compressibility", "--resolution", "64", "--group-size", "4",
+    "--groups-per-step", "2", "--batch-size", "4", "--num-steps", "4", "--eval-num-steps", "4", "--lr", "1e-2",
+    "--ema-every", "1", "--eval-every", "100",
+]
+
+
+def run_cli(args):
+    """flow_grpo.main in this process: returns (exit code, stderr lines)."""
+    import contextlib
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            F.main(args)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    return code, [line for line in stderr.getvalue().splitlines() if line.startswith("error")]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    flags = TINY_FLAGS + ["--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "2"]
+    assert run_cli(flags + ["--out", str(tmp_path / "whole")])[0] == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, F.__file__, *flags, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_000001").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # during step 2, after step 1's checkpoint
+    assert proc.wait() == -signal.SIGKILL and not (killed / "lora").exists()
+    assert run_cli(flags + ["--out", str(killed), "--resume"])[0] == 0
+
+    whole = load_file(tmp_path / "whole" / "lora" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(killed / "lora" / "pytorch_lora_weights.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit-identical on CPU
+    assert sorted(os.listdir(killed / "checkpoints")) == ["step_000002", "step_000003"]  # keep the last 2
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3]
+    assert [r["reward_mean"] for r in read_metrics(killed)] == [r["reward_mean"] for r in read_metrics(tmp_path / "whole")]
+
+
+BAD_REWARD_MODULE = """
+def wrong_shape(images, prompts):
+    return [[0.0, 1.0]] * len(images)
+def not_finite(images, prompts):
+    return [float("nan")] * len(images)
+def constant(images, prompts):
+    return [0.5] * len(images)
+"""
+
+
+@pytest.fixture
+def bad_rewards(tmp_path, monkeypatch):
+    (tmp_path / "bad_rewards_mod.py").write_text(BAD_REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def bad_input_cases(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\xfa")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "a_file").write_text("x")
+    return {
+        "unknown alias": (["--model", "sd9-huge"], "unknown model 'sd9-huge'", "sd3.5-medium"),
+        "hub out of reach": (["--model", "nobody/no-such-model"], "pass its local folder with --model PATH", None),
+        "not an SD3 folder": (["--model", str(tmp_path / "not_a_model")], "is not a diffusers SD3 pipeline", None),
+        "missing prompt file": (["--prompts", str(tmp_path / "nope.txt")], "cannot read prompt file", None),
+        "unreadable prompt file": (["--prompts", str(tmp_path / "binary.txt")], "cannot read prompt file", None),
+        "empty prompt file": (["--eval-prompts", str(tmp_path / "empty.txt")], "has no prompts", None),
+        "group of one": (["--group-size", "1"], "needs at least 2", None),
+        "batch not whole groups": (["--batch-size", "6"], "is not a multiple of --group-size 4", None),
+        "unknown reward": (["--reward", "pikscore"], "unknown reward 'pikscore'", "pickscore"),
+        "malformed weight": (["--reward", "pickscore=lots"], "malformed weight", None),
+        "custom reward shape": (["--reward", "bad_rewards_mod:wrong_shape"], "bad_rewards_mod:wrong_shape", "shape"),
+        "custom reward NaN": (["--reward", "bad_rewards_mod:not_finite"], "bad_rewards_mod:not_finite", "non-finite"),
+        "unwritable output": (["--out", str(tmp_path / "a_file" / "run")], "cannot write to output folder", None),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "unknown alias", "hub out of reach", "not an SD3 folder", "missing prompt file", "unreadable prompt file",
+    "empty prompt file", "group of one", "batch not whole groups", "unknown reward", "malformed weight",
+    "custom reward shape", "custom reward NaN", "unwritable output",
+])
+def test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, bad_rewards):
+    args, phrase, also = bad_input_cases(tmp_path)[case]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "1", "--out", str(out)] + args)
+    assert code == 2 and len(errors) == 1, errors
+    assert phrase in errors[0] and (also is None or also in errors[0]), errors[0]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_a_different_config_names_the_fields(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_cli(TINY_FLAGS + ["--max-steps", "1", "--out", out])[0] == 0
+    before = open(f"{out}/metrics.jsonl").read()
+    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out])  # no --resume: refused
+    assert code == 2 and "already holds a run: pass --resume" in errors[0]
+    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out, "--resume", "--group-size", "2", "--lr", "0.5"])
+    assert code == 2 and "group_size: 4 -> 2" in errors[0] and "lr: 0.01 -> 0.5" in errors[0]
+    assert open(f"{out}/metrics.jsonl").read() == before
+    assert os.path.exists(f"{out}/lora/pytorch_lora_weights.safetensors")
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = F.grpo_loss
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * math.nan if calls["n"] == 1 or calls["n"] > 6 else loss
+
+    monkeypatch.setattr(F, "grpo_loss", sometimes_nan)
+    # 2 batches x 3 trained steps = 6 backwards per step, 2 updates: the first update of step 1 is
+    # poisoned, the second is fine; from step 2 on every update is poisoned.
+    cfg = tiny_config(tmp_path / "out", max_steps=4, save_every=1)
+    with pytest.raises(F.TrainingDiverged, match="3 non-finite updates in a row at step 3"):
+        F.train(cfg)
+    first, second = read_metrics(cfg.out)
+    assert (first["nonfinite_updates"], first["optimizer_steps"]) == (1, 1)
+    assert (second["nonfinite_updates"], second["optimizer_steps"]) == (2, 1)
+    from safetensors.torch import load_file
+
+    for name in ("step_000001", "step_000002"):
+        weights = load_file(f"{cfg.out}/checkpoints/{name}/lora.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_constant_rewards_skip_the_update(tmp_path, bad_rewards):
+    cfg = tiny_config(tmp_path / "out", reward="bad_rewards_mod:constant")
+    run = F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["skipped_update"] and record["optimizer_steps"] == 0 and record["zero_std_group_ratio"] == 1.0
+    assert all(torch.all(p == 0) for n, p in run.transformer.named_parameters() if "lora_B" in n)
