@@ -635,6 +635,14 @@ def average_gradients(params, dist: Distributed):
         offset += p.numel()
 
 
+def rank_advantages(all_rewards: torch.Tensor, cfg: Config, dist: Distributed) -> torch.Tensor:
+    """This rank's advantages, from the rewards of all ranks (rank-major, group by group): exactly
+    what one process holding every sample would compute, global std included."""
+    group_ids = torch.arange(len(all_rewards) // cfg.group_size).repeat_interleave(cfg.group_size)
+    advantages = group_advantages(all_rewards, group_ids, cfg.global_std)
+    return advantages.view(dist.world, -1)[dist.rank]
+
+
 def check_config(cfg: Config, dist: Distributed):
     if cfg.group_size < 2:
         raise UsageError(f"--group-size {cfg.group_size}: GRPO compares samples of a prompt, a group needs at least 2")
@@ -737,6 +745,8 @@ def train(cfg: Config):
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
     prompts, eval_prompts = read_prompts(cfg.prompts, BUILTIN_PROMPTS), read_prompts(cfg.eval_prompts, BUILTIN_EVAL_PROMPTS)
     check_output_folder(cfg)
+    if dist.world > 1:
+        torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     try:
         reward_fn = rewards.load_reward(cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
     except ValueError as error:
@@ -808,9 +818,8 @@ def train(cfg: Config):
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks.
         started = time.perf_counter()
-        group_ids = torch.arange(cfg.groups_per_step).repeat_interleave(cfg.group_size)
-        advantages = group_advantages(scores["reward"], group_ids, cfg.global_std)
-        mine = advantages.view(dist.world, -1)[dist.rank].to(dist.device).split(cfg.batch_size)
+        advantages = rank_advantages(scores["reward"], cfg, dist)
+        mine = advantages.to(dist.device).split(cfg.batch_size)
 
         # 4. Policy update (Eq. 5-6, 10): the same batches as the rollout, so the first forward
         #    reproduces the rollout's exactly (ratio 1); gradients accumulated over updates_per_step.
@@ -819,7 +828,9 @@ def train(cfg: Config):
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
         first_ratio_error = None
         nonfinite_updates = 0
-        skip = bool((advantages == 0).all())  # no signal: nothing to learn from this step
+        grouped = scores["reward"].view(-1, cfg.group_size)
+        constant_groups = (grouped.max(1).values == grouped.min(1).values).float()
+        skip = bool(constant_groups.all())  # every advantage is 0 on every rank: nothing to learn
         progress = tqdm(total=0 if skip else backwards, desc=f"step {step + 1} train", leave=False, disable=not dist.main)
         for count, ((_, text, trajectory), adv, j) in enumerate(
             (b, a, j) for b, a in ([] if skip else zip(batches, mine)) for j in trained_steps
@@ -872,8 +883,7 @@ def train(cfg: Config):
         record = {"step": step + 1, "optimizer_steps": optimizer_step, "skipped_update": skip}
         for name, value in scores.items():
             record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
-        grouped = scores["reward"].view(cfg.groups_per_step, cfg.group_size)
-        record["zero_std_group_ratio"] = (grouped.max(1).values == grouped.min(1).values).float().mean().item()
+        record["zero_std_group_ratio"] = constant_groups.mean().item()
         record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
         record["first_ratio_error"] = first_ratio_error
         record["nonfinite_updates"] = nonfinite_updates

@@ -836,3 +836,48 @@ def test_constant_rewards_skip_the_update(tmp_path, bad_rewards):
     (record,) = read_metrics(cfg.out)
     assert record["skipped_update"] and record["optimizer_steps"] == 0 and record["zero_std_group_ratio"] == 1.0
     assert all(torch.all(p == 0) for n, p in run.transformer.named_parameters() if "lora_B" in n)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data parallel: torchrun with 2 CPU processes (gloo)
+# ------------------------------------------------------------------------------------------------
+
+TORCHRUN_SCRIPT = """
+import json, os, sys, torch
+sys.path.insert(0, {repo!r})
+import flow_grpo as F
+import test_flow_grpo as T
+
+cfg = T.tiny_config({out!r}, max_steps=2, groups_per_step=4)
+run = F.train(cfg)
+dist = F.Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cpu"))
+# Advantages: each rank holds 2 groups of 4 rewards of its own; gather as the training loop does.
+local = torch.arange(8, dtype=torch.float32) * (dist.rank + 1) ** 2 + torch.tensor([0, 0, 0, 0, 1, 2, 3, 9.0]) * dist.rank
+mine = F.rank_advantages(F.all_gather(local, dist), cfg, dist)
+torch.save({{"params": [p.detach() for p in run.params], "local": local, "advantages": mine}}, {out!r} + f"/rank{{dist.rank}}.pt")
+"""
+
+
+def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "run")
+    script = tmp_path / "ddp.py"
+    script.write_text(TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", str(script)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p0, p1)
+    assert any(p.abs().sum() > 0 for p in ranks[0]["params"])
+    # One process on all 16 rewards (4 groups of 4) gives the same advantages, split by rank.
+    everything = torch.cat([ranks[0]["local"], ranks[1]["local"]])
+    single = F.group_advantages(everything, torch.arange(4).repeat_interleave(4), global_std=True)
+    torch.testing.assert_close(torch.cat([ranks[0]["advantages"], ranks[1]["advantages"]]), single, rtol=0, atol=0)
+    # Only rank 0 wrote the run's files: one metrics line per step.
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
