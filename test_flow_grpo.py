@@ -1,6 +1,8 @@
 """Tests of Flow-GRPO: the math against independent computations, the toy, and the full SD3 path on
 tiny random models built here (no model hub is ever contacted)."""
+import dataclasses
 import io
+import json
 import math
 import os
 
@@ -13,6 +15,10 @@ from PIL import Image
 
 import flow_grpo as F
 import rewards
+import toy_2d
+
+# The models here are tiny: one thread is fastest, and spares the machine's other core.
+torch.set_num_threads(1)
 
 # ------------------------------------------------------------------------------------------------
 # The math
@@ -227,6 +233,87 @@ def test_grpo_loss_clips_the_ratio():
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The 2D toy: seconds on CPU, small settings of the same code paths as `python toy_2d.py`
+# ------------------------------------------------------------------------------------------------
+
+SEED = 0  # the bounds below held for seeds 0-5
+SMALL = dict(seed=SEED, pretrain_steps=1000, pretrain_batch=256, hidden=64, n_eval=3000, eval_every=10, group_size=16)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    cfg = toy_2d.Config(**SMALL)
+    return cfg, toy_2d.pretrain(cfg)
+
+
+def test_toy_sigma_schedule_is_sd3s():
+    expected = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
+    assert torch.allclose(toy_2d.sigma_schedule(10, 3.0), torch.tensor(expected), atol=1e-4)
+
+
+def test_toy_sde_keeps_the_marginals(toy):
+    cfg, base = toy
+    data = toy_2d.sample_data(cfg.n_eval, cfg, toy_2d.generator(cfg, 6))[0]
+    swd = toy_2d.marginals(base, data, cfg)
+    floor, ode = swd["data vs data (noise floor)"], swd["ODE"]
+    assert ode < 0.15  # the pretrained model samples the ring
+    for name in ("SDE a=0.3", "SDE a=0.7", "SDE a=1.0", "CPS a=0.8"):
+        assert swd[name] < 2 * ode + 2 * floor, (name, swd)
+
+
+def test_toy_recomputed_log_prob_matches_rollout(toy):
+    # The training forward (all timesteps in one batch) must score the stored trajectory exactly as the
+    # rollout did: otherwise the first, on-policy ratio is not 1 and clipping bites from the start.
+    cfg, base = toy
+    labels = torch.arange(64) % 2
+    sigmas = toy_2d.sigma_schedule(10, cfg.shift)
+    xs, old = toy_2d.rollout(base, labels, sigmas, 0.7, toy_2d.generator(cfg, 9))
+    x, prev_x = xs[:-1].reshape(-1, 2), xs[1:].reshape(-1, 2)
+    sigma, sigma_next = sigmas[:-1].repeat_interleave(64), sigmas[1:].repeat_interleave(64)
+    out = F.sde_step(base(x, sigma, labels.repeat(10)), x, sigma, sigma_next, 0.7, prev_x=prev_x)
+    ratio = (out.log_prob - old.reshape(-1)).exp()
+    assert (ratio - 1).abs().max() < 1e-4
+
+
+def test_toy_short_grpo_run_raises_the_reward(toy):
+    cfg, base = toy
+    _, curve = toy_2d.run_grpo(base, dataclasses.replace(cfg, lr=1e-3), rollout_steps=10, beta=0.0, epochs=30,
+                               n_eval=500)
+    assert curve[0]["epoch"] == 0 and curve[-1]["epoch"] == 30
+    assert curve[-1]["reward"] > curve[0]["reward"] + 1.0, curve  # about -2.5 -> -0.5
+
+
+def test_toy_kl_keeps_diversity_and_bounds_the_kl(toy):
+    cfg, base = toy
+    cfg = dataclasses.replace(cfg, lr=1e-3)
+    finals = {}
+    for beta in (0.0, 1.0):
+        policy, curve = toy_2d.run_grpo(base, cfg, rollout_steps=10, beta=beta, epochs=40, n_eval=500)
+        x, _ = toy_2d.evaluate(policy, cfg, 2000)
+        finals[beta] = dict(start=curve[0]["reward"], reward=curve[-1]["reward"], diversity=toy_2d.diversity(x),
+                            kl=toy_2d.mean_step_kl(policy, base, cfg, n=500))
+    no_kl, kl = finals[0.0], finals[1.0]
+    base_div = toy_2d.diversity(toy_2d.evaluate(base, cfg, 2000)[0])
+    assert kl["reward"] > kl["start"] + 0.3, finals  # the KL run still learns
+    assert no_kl["diversity"] < 0.25 * base_div, finals  # collapse
+    assert kl["diversity"] > 0.5 * base_div, finals
+    assert kl["kl"] < 0.3 * no_kl["kl"], finals
+
+
+def test_toy_main_writes_json_and_png_and_keeps_other_files(tmp_path):
+    keep = tmp_path / "mine.txt"
+    keep.write_text("not the toy's")
+    cfg = toy_2d.Config(seed=SEED, out=str(tmp_path), pretrain_steps=20, hidden=32, epochs=2, eval_every=1, n_eval=300)
+    results = toy_2d.main(cfg)
+    assert keep.read_text() == "not the toy's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "toy.json", "toy.png"]
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert set(saved) == {"marginals_swd", "runs", "data", "total_seconds", "config"}
+    assert set(saved["runs"]) == set(results["runs"]) and len(saved["runs"]) == 4
+    assert saved["runs"]["10 steps, beta=0.5"]["curve"][-1]["epoch"] == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -554,8 +641,6 @@ def tiny_config(out, **overrides):
 
 
 def read_metrics(folder):
-    import json
-
     with open(f"{folder}/metrics.jsonl") as f:
         return [json.loads(line) for line in f]
 
@@ -720,7 +805,7 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
     assert run_cli(flags + ["--out", str(tmp_path / "whole")])[0] == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, F.__file__, *flags, "--out", str(killed)],
+    proc = subprocess.Popen([sys.executable, F.__file__, *flags, "--out", str(killed)], env=dict(os.environ, OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_000001").exists() and time.time() < deadline:
