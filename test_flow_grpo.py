@@ -633,7 +633,7 @@ def test_missing_local_folder_and_bad_model_dir_key(tmp_path):
 
 def tiny_config(out, **overrides):
     settings = dict(
-        model="tiny", reward="jpeg_compressibility", resolution=64, group_size=4, groups_per_step=2, batch_size=4,
+        model="tiny", reward="jpeg_compressibility", resolution=32, group_size=4, groups_per_step=2, batch_size=4,
         num_steps=4, eval_num_steps=4, max_steps=1, eval_every=100, out=str(out), ema_every=1, lr=1e-2, beta=0.01,
     )
     settings.update(overrides)
@@ -660,7 +660,7 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_pipe):
     prompts = ["a photo of a cat", "the dog on a chair"]
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = tiny_pipe(
-        prompt=prompts, latents=latents.clone(), num_inference_steps=6, guidance_scale=4.5, height=64, width=64,
+        prompt=prompts, latents=latents.clone(), num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
         output_type="latent", max_sequence_length=128,
     ).images
     text = F.encode_prompts(tiny_pipe, prompts, 1, 4.5, "cpu")
@@ -730,7 +730,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
     pipe = F.build_tiny_pipeline()
     pipe.load_lora_weights(str(folder / "lora"), weight_name="pytorch_lora_weights.safetensors")
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    loaded = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=64, width=64,
+    loaded = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
                   output_type="latent", max_sequence_length=128).images
     text = F.encode_prompts(run.pipe, ["a cat"], 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(run.pipe, 4, "cpu")
@@ -773,7 +773,7 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 TINY_FLAGS = [
-    "--model", "tiny", "--reward", "jpeg_compressibility", "--resolution", "64", "--group-size", "4",
+    "--model", "tiny", "--reward", "jpeg_compressibility", "--resolution", "32", "--group-size", "4",
     "--groups-per-step", "2", "--batch-size", "4", "--num-steps", "4", "--eval-num-steps", "4", "--lr", "1e-2",
     "--ema-every", "1", "--eval-every", "100",
 ]
