@@ -30,6 +30,7 @@ import gc
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -223,6 +224,8 @@ def run_configuration(name, overrides, args, device, keep_root):
     if not cfg.precompute_text_embeds and run.pipe.text_encoder is not None:
         result["flops"] = measure_flops(run, cfg, device)
     del run
+    if not keep_root:
+        shutil.rmtree(folder, ignore_errors=True)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
