@@ -10,6 +10,7 @@ x_sigma = (1 - sigma) * x0 + sigma * eps, the model predicts the velocity v ~ ep
 from sigma = 1 down to 0, so dt = sigma_next - sigma < 0 and the ODE (Euler) step is x + v * dt.
 """
 import math
+import time
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -56,6 +57,13 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_p.mean(dim=tuple(range(1, x.ndim)))
 
 
+def gaussian_noise(shape, generator, device, dtype):
+    """eps ~ N(0, I) drawn on the generator's device (a seeded CPU generator gives the same noise on
+    any accelerator), then moved to `device`."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
 def sde_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) -> StepOutput:
     """One Euler-Maruyama step of the marginal-preserving reverse SDE (paper Eq. 7-9).
 
@@ -81,7 +89,7 @@ def sde_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     mean = x + (v + sigma_t**2 / (2 * sigma) * (x + (1 - sigma) * v)) * dt
     std = sigma_t * torch.sqrt(-dt)
     if prev_x is None:
-        prev_x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
+        prev_x = mean + std * gaussian_noise(x.shape, generator, x.device, dtype)
     prev_x = prev_x.to(dtype)
     return StepOutput(prev_x, gaussian_log_prob(prev_x, mean, std), mean, std)
 
@@ -109,7 +117,7 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     std = sigma_next * math.sin(noise_level * math.pi / 2)
     mean = (1 - sigma_next) * x0_hat + torch.sqrt((sigma_next**2 - std**2).clamp_min(0)) * x1_hat
     if prev_x is None:
-        prev_x = mean + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=dtype)
+        prev_x = mean + std * gaussian_noise(x.shape, generator, x.device, dtype)
     prev_x = prev_x.to(dtype)
     return StepOutput(prev_x, gaussian_log_prob(prev_x, mean, std), mean, std)
 
@@ -437,6 +445,9 @@ def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device
 def text_encoder_for(pipe, cfg: Config, all_prompts, device):
     """A function (prompts, repeats) -> TextEmbeddings. With precompute_text_embeds, every prompt is
     encoded once here and the three text encoders are freed; otherwise prompts are encoded per batch."""
+    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        if encoder is not None:
+            encoder.to(device)
     if not cfg.precompute_text_embeds:
         return lambda prompts, repeats: encode_prompts(pipe, prompts, repeats, cfg.guidance_scale, device)
     import gc
@@ -735,8 +746,6 @@ def train(cfg: Config):
     """Flow-GRPO (paper Algorithm 1): sample groups with the SDE, score them, compute group-relative
     advantages, and take clipped policy-gradient steps with a KL to the frozen model."""
     import json
-    import os
-    import time
 
     from tqdm import tqdm
 
@@ -755,7 +764,10 @@ def train(cfg: Config):
     except ValueError as error:
         raise UsageError(str(error)) from None
 
-    pipe = load_pipeline(cfg.model, dtype).to(dist.device)
+    pipe = load_pipeline(cfg.model, dtype)
+    # Text first: with precompute_text_embeds the encoders leave before the transformer arrives.
+    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device)
+    pipe.to(dist.device)
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, cfg)
     if cfg.gradient_checkpointing:
@@ -770,7 +782,6 @@ def train(cfg: Config):
         start_step, optimizer_step = load_checkpoint(latest_checkpoint(cfg.out), params, ema_params, optimizer)
     if dist.main:
         write_run_files(cfg, start_step)
-    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device)
 
     def log(record):
         if dist.main:
@@ -788,10 +799,10 @@ def train(cfg: Config):
     if start_step == 0:
         eval_metrics = run_eval(0)
         if dist.main:
-            print(f"step 0 | eval reward {eval_metrics['eval_reward']:.4f}", flush=True)
+            print(f"step 0 | eval reward {eval_metrics['eval_reward']:.5g}", flush=True)
     for step in range(start_step, cfg.max_steps):
         timer = {}
-        started = time.perf_counter()
+        started = clock(dist.device)
         generator = seeded(cfg.seed, step, dist.rank)
         sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same window on every rank
         noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
@@ -806,10 +817,10 @@ def train(cfg: Config):
             noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
             trajectory = sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator)
             batches.append((batch_prompts, text, trajectory))
-        timer["rollout"] = time.perf_counter() - started
+        timer["rollout"] = clock(dist.device) - started
 
         # 2. Reward of each final image, one batched call per rollout batch.
-        started = time.perf_counter()
+        started = clock(dist.device)
         scores = {}
         for batch_prompts, _, trajectory in batches:
             images = decode_images(pipe, trajectory.latents[:, -1])
@@ -817,17 +828,17 @@ def train(cfg: Config):
             for name, value in score(reward_fn, images, repeated).items():
                 scores.setdefault(name, []).append(value)
         scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
-        timer["reward"] = time.perf_counter() - started
+        timer["reward"] = clock(dist.device) - started
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks.
-        started = time.perf_counter()
+        started = clock(dist.device)
         advantages = rank_advantages(scores["reward"], cfg, dist)
         mine = advantages.to(dist.device).split(cfg.batch_size)
 
         # 4. Policy update (Eq. 5-6, 10): the same batches as the rollout, so the first forward
         #    reproduces the rollout's exactly (ratio 1); gradients accumulated over updates_per_step.
         backwards = len(batches) * len(trained_steps)
-        accumulate = max(1, backwards // cfg.updates_per_step)
+        accumulate = math.ceil(backwards / cfg.updates_per_step)
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
         first_ratio_error = None
         nonfinite_updates = 0
@@ -880,7 +891,7 @@ def train(cfg: Config):
                 optimizer.zero_grad(set_to_none=False)
             progress.update()
         progress.close()
-        timer["train"] = time.perf_counter() - started
+        timer["train"] = clock(dist.device) - started
 
         # 5. Log, evaluate, save.
         record = {"step": step + 1, "optimizer_steps": optimizer_step, "skipped_update": skip}
@@ -895,8 +906,8 @@ def train(cfg: Config):
             record.update(run_eval(step + 1))
         log(record)
         if dist.main:
-            evaluated = f" | eval reward {record['eval_reward']:.4f}" if "eval_reward" in record else ""
-            print(f"step {step + 1} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | kl {record['kl']:.2e}"
+            evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
+            print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                 save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer)
@@ -911,6 +922,12 @@ class TrainedRun(NamedTuple):
     transformer: torch.nn.Module  # the LoRA-wrapped transformer
     params: list  # the LoRA parameters
     ema_params: list
+
+
+def clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: count them in the phase that launched them
+    return time.perf_counter()
 
 
 def check_resolution(pipe, cfg: Config):

@@ -946,7 +946,6 @@ torch.save({{"params": [p.detach() for p in run.params], "local": local, "advant
 def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_path):
     import shutil
     import subprocess
-    import sys
 
     out = str(tmp_path / "run")
     script = tmp_path / "ddp.py"
