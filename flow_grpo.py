@@ -822,7 +822,7 @@ def train(cfg: Config):
         # 2. Reward of each final image, one batched call per rollout batch.
         started = clock(dist.device)
         scores = {}
-        for batch_prompts, _, trajectory in batches:
+        for batch_prompts, _, trajectory in tqdm(batches, desc=f"step {step + 1} reward", leave=False, disable=not dist.main):
             images = decode_images(pipe, trajectory.latents[:, -1])
             repeated = [p for p in batch_prompts for _ in range(cfg.group_size)]
             for name, value in score(reward_fn, images, repeated).items():
