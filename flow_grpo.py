@@ -587,12 +587,13 @@ def read_prompts(path: str, builtin):
 def prompts_for_step(prompts, count: int, step: int, seed: int):
     """The count prompts of a step in an endless stream of seeded shuffles of the prompt list. A pure
     function of (step, seed): a resumed run continues exactly where it stopped."""
-    start = step * count
+    orders = {}  # one shuffle per pass over the prompt list
     chosen = []
-    for position in range(start, start + count):
+    for position in range(step * count, (step + 1) * count):
         epoch, index = divmod(position, len(prompts))
-        order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-        chosen.append(prompts[int(order[index])])
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        chosen.append(prompts[int(orders[epoch][index])])
     return chosen
 
 

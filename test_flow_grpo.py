@@ -965,3 +965,12 @@ def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_
     torch.testing.assert_close(torch.cat([ranks[0]["advantages"], ranks[1]["advantages"]]), single, rtol=0, atol=0)
     # Only rank 0 wrote the run's files: one metrics line per step.
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_prompt_stream_visits_every_prompt_once_per_pass_and_is_a_function_of_the_step():
+    prompts = [f"p{i}" for i in range(7)]
+    stream = [p for step in range(7) for p in F.prompts_for_step(prompts, 3, step, seed=5)]  # 3 passes
+    for start in (0, 7, 14):
+        assert sorted(stream[start : start + 7]) == sorted(prompts)
+    assert stream[:7] != stream[7:14]  # a new shuffle each pass
+    assert F.prompts_for_step(prompts, 3, 4, seed=5) == stream[12:15]  # what a resumed run at step 4 sees
