@@ -185,98 +185,6 @@ def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: f
 # cost only torch.
 
 
-def build_tiny_clip_tokenizer(folder):
-    """A byte-level CLIP BPE tokenizer written from scratch (256 bytes, their `</w>` forms, a few
-    merges), so the CLIP text path runs with nothing downloaded."""
-    import json
-    import os
-
-    from transformers import CLIPTokenizer
-
-    os.makedirs(folder, exist_ok=True)
-    # GPT-2's byte-to-unicode table: printable bytes stand for themselves, the others map past 255.
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
-    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>"), ("i", "n")]
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({t: i for i, t in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    # from_pretrained, not the constructor: transformers 5 ignores vocab_file/merges_file there.
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
-
-
-def build_tiny_t5_tokenizer(folder):
-    """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, then letters) built without sentencepiece."""
-    import os
-
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import T5TokenizerFast
-
-    os.makedirs(folder, exist_ok=True)
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'!?-"]
-    pieces += [("\u2581" + w, -1.0) for w in ("a", "the", "of", "photo", "cat", "dog", "on", "in", "with")]
-    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-    tokenizer.decoder = decoders.Metaspace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    path = os.path.join(folder, "tokenizer.json")
-    tokenizer.save(path)
-    return T5TokenizerFast(tokenizer_file=path, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
-
-
-def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
-    from transformers import CLIPTextConfig
-
-    # CLIP pools at eos_token_id: ids that differ from the tokenizer's would pool the wrong token, silently.
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def build_tiny_pipeline(seed: int = 0):
-    """A randomly initialised SD3.5-shaped pipeline small enough for a CPU (about 0.2 M parameters):
-    MMDiT with a dual-attention layer and RMS qk-norm as SD3.5, a 4x VAE, two CLIPs and a T5.
-    Images of 32 to 128 px (8x8 to 32x32 latents)."""
-    import tempfile
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory() as folder:
-        clip_tokenizer = build_tiny_clip_tokenizer(folder + "/clip")
-        t5_tokenizer = build_tiny_t5_tokenizer(folder + "/t5")
-    transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )
-    # 4x down-scaling (3 blocks), not SD3's 8x: with four random up-blocks the decoded texture hardly
-    # depends on the latents, and no image reward could be learned on this model.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
-    )
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
-    for module in (transformer, vae, t5):
-        module.eval()  # as from_pretrained leaves them: T5's dropout would make the text embeddings random
-    return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer=clip_tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer_2=clip_tokenizer,
-        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
-    )
-
-
 MODEL_ALIASES = {
     "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
@@ -1045,6 +953,103 @@ def load_checkpoint(folder: str, params, ema_params, optimizer):
     with open(f"{folder}/state.json") as f:
         state = json.load(f)
     return state["step"], state["optimizer_step"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. A tiny SD3 for CPUs and tests (--model tiny): nothing downloaded, tokenizers built here
+# --------------------------------------------------------------------------------------------------
+
+
+def build_tiny_clip_tokenizer(folder):
+    """A byte-level CLIP BPE tokenizer written from scratch (256 bytes, their `</w>` forms, a few
+    merges), so the CLIP text path runs with nothing downloaded."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    # GPT-2's byte-to-unicode table: printable bytes stand for themselves, the others map past 255.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>"), ("i", "n")]
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    # from_pretrained, not the constructor: transformers 5 ignores vocab_file/merges_file there.
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def build_tiny_t5_tokenizer(folder):
+    """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, then letters) built without sentencepiece."""
+    import os
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'!?-"]
+    pieces += [("\u2581" + w, -1.0) for w in ("a", "the", "of", "photo", "cat", "dog", "on", "in", "with")]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    path = os.path.join(folder, "tokenizer.json")
+    tokenizer.save(path)
+    return T5TokenizerFast(tokenizer_file=path, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
+
+
+def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
+    from transformers import CLIPTextConfig
+
+    # CLIP pools at eos_token_id: ids that differ from the tokenizer's would pool the wrong token, silently.
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A randomly initialised SD3.5-shaped pipeline small enough for a CPU (about 0.2 M parameters):
+    MMDiT with a dual-attention layer and RMS qk-norm as SD3.5, a 4x VAE, two CLIPs and a T5.
+    Images of 32 to 128 px (8x8 to 32x32 latents)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        clip_tokenizer = build_tiny_clip_tokenizer(folder + "/clip")
+        t5_tokenizer = build_tiny_t5_tokenizer(folder + "/t5")
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    # 4x down-scaling (3 blocks), not SD3's 8x: with four random up-blocks the decoded texture hardly
+    # depends on the latents, and no image reward could be learned on this model.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+    )
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+    for module in (transformer, vae, t5):
+        module.eval()  # as from_pretrained leaves them: T5's dropout would make the text embeddings random
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+    )
 
 
 def main(argv=None):
