@@ -423,7 +423,8 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, rewards; print(any(m in sys.modules for m in ('transformers', 'huggingface_hub')))"
+    heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib')"
+    code = f"import sys, flow_grpo, toy_2d, rewards; print(any(m in sys.modules for m in {heavy}))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(rewards.__file__)), check=True)
     assert res.stdout.strip() == "False"
