@@ -953,7 +953,7 @@ def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_
     script.write_text(TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", str(script)],
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script)],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
