@@ -578,8 +578,9 @@ def check_config(cfg: Config, dist: Distributed):
         )
     if cfg.sde_type not in ("sde", "cps"):
         raise UsageError(f"--sde-type {cfg.sde_type}: use sde or cps")
-    if not 0 < cfg.noise_level <= 1.5 if cfg.sde_type == "sde" else not 0 < cfg.noise_level <= 1:
-        raise UsageError(f"--noise-level {cfg.noise_level}: must be in (0, 1] (0.7 for sde, 0.8 for cps)")
+    largest = 1.5 if cfg.sde_type == "sde" else 1.0  # cps: sin(a pi / 2) peaks at a = 1
+    if not 0 < cfg.noise_level <= largest:
+        raise UsageError(f"--noise-level {cfg.noise_level}: use (0, {largest}] for {cfg.sde_type} (0.7 for sde, 0.8 for cps)")
     if cfg.sde_window < 0 or cfg.sde_window > cfg.num_steps // 2:
         raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
