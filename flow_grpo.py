@@ -162,20 +162,22 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     return advantages.float()
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0) -> torch.Tensor:
+def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, weights=None) -> torch.Tensor:
     """The clipped GRPO surrogate of one denoising step, to minimise (paper Eq. 5-6).
 
         ratio_t = pi_theta(x_{t+1} | x_t, c) / pi_old(x_{t+1} | x_t, c) = exp(log_prob - old_log_prob)
         L       = mean_i max( -A_i ratio_t,  -A_i clip(ratio_t, 1 - eps, 1 + eps) )
 
     with A clipped to [-adv_clip, adv_clip] as in the official code. The beta * KL term is added by
-    the caller (gaussian_kl), since its scale is a choice of the recipe.
+    the caller (gaussian_kl), since its scale is a choice of the recipe. With per-sample `weights`
+    (summing to 1 over what one optimizer step accumulates) the mean becomes sum_i weights_i * (...).
     """
     advantages = advantages.clamp(-adv_clip, adv_clip)
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    return per_sample.mean() if weights is None else (weights * per_sample).sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -248,8 +250,8 @@ class Config:
     # GRPO (paper Sec. 4.3, Eq. 4-6)
     group_size: int = config_field(8, "images per prompt, G (official: 24)")
     groups_per_step: int = config_field(8, "prompts per step, summed over all ranks (official: 48)")
-    batch_size: int = config_field(8, "images per forward pass and rank; a multiple of group_size")
-    updates_per_step: int = config_field(2, "optimizer steps per rollout step (gradient accumulation in between)")
+    batch_size: int = config_field(8, "images per forward pass and rank; a group may span batches and ranks")
+    updates_per_step: int = config_field(2, "optimizer steps per rollout step, each on whole trajectories (gradient accumulation in between)")
     clip_range: float = config_field(1e-4, "epsilon of the clipped ratio (log-probs are averaged over dims, hence tiny)")
     adv_clip: float = config_field(5.0, "advantages are clamped to +-adv_clip")
     global_std: bool = config_field(True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)")
@@ -544,37 +546,139 @@ def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def average_gradients(params, dist: Distributed):
-    """Data parallelism by hand: one all-reduce of the flattened LoRA gradients per optimizer step.
+def prompt_groups(image_prompts) -> torch.Tensor:
+    """Group id of each image: its prompt (the official code's per-prompt stat tracker, `flow_grpo/stat_tracking.py`,
+    `PerPromptStatTracker.update`), so a prompt drawn twice in one step forms one group."""
+    index = {}
+    return torch.tensor([index.setdefault(p, len(index)) for p in image_prompts])
+
+
+def step_advantages(all_rewards: torch.Tensor, image_prompts, cfg: Config) -> torch.Tensor:
+    """The advantages of every image of the step (all ranks, in rank order), grouped by prompt: exactly
+    what one process holding every sample would compute, global std included."""
+    return group_advantages(all_rewards, prompt_groups(image_prompts), cfg.global_std)
+
+
+def constant_group_fraction(advantages: torch.Tensor, image_prompts) -> float:
+    """Fraction of prompts whose rewards were all equal (all their advantages are exactly 0)."""
+    groups = prompt_groups(image_prompts)
+    informative = torch.zeros(int(groups.max()) + 1).index_add_(0, groups, (advantages != 0).float())
+    return (informative == 0).float().mean().item()
+
+
+def update_chunks(num_batches: int, updates: int):
+    """The rollout batches of each optimizer step: whole trajectories, contiguous, as even as possible."""
+    bounds = [round(k * num_batches / updates) for k in range(updates + 1)]
+    return [list(range(bounds[k], bounds[k + 1])) for k in range(updates)]
+
+
+def loss_weights(advantages: torch.Tensor, chunks, num_trained_steps: int, world: int, batch_size: int) -> torch.Tensor:
+    """Weight of each sample's loss, [world, batches, batch_size]: each optimizer step is the mean over the
+    informative samples (A != 0) of all ranks and the trained steps it accumulates.
+
+    The official loop (`scripts/train_sd3.py`, `main()`) drops the samples of constant-reward groups before
+    training, so its policy loss and KL average over the others only; keeping them in the mean would shrink
+    the policy term against beta * KL wherever many groups are constant (binary rewards). Masking instead of
+    dropping keeps the rollout batches as they were, so the first update stays exactly on-policy. Gradients
+    are then summed over ranks (sum_gradients): the update is the single-process one."""
+    informative = (advantages != 0).float().view(world, -1, batch_size)
+    weights = torch.zeros_like(informative)
+    for chunk in chunks:
+        kept = informative[:, chunk].sum()
+        if kept > 0:
+            weights[:, chunk] = informative[:, chunk] / (kept * num_trained_steps)
+    return weights
+
+
+class RolloutBatch(NamedTuple):
+    prompts: list  # one per image
+    text: TextEmbeddings
+    trajectory: Trajectory
+
+
+def step_loss(transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config):
+    """The loss of denoising step j of one rollout batch (Eq. 5-6 + beta KL, Eq. 10), weighted per sample,
+    its parts for the log, and the log-ratio log pi_theta - log pi_old."""
+    latents = batch.trajectory.latents
+    if weights is None:  # the plain mean over the batch
+        weights = torch.full_like(advantages, 1 / len(advantages))
+    x = latents[:, j]
+    v = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
+    out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=latents[:, j + 1])
+    old_log_prob = batch.trajectory.log_probs[:, j]
+    policy_loss = grpo_loss(out.log_prob, old_log_prob, advantages, cfg.clip_range, cfg.adv_clip, weights)
+    kl = torch.zeros_like(policy_loss)
+    if cfg.beta > 0:
+        with torch.no_grad(), transformer.disable_adapter():
+            v_ref = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
+        ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
+        kl = (weights * gaussian_kl(out.mean, ref_mean, out.std)).sum() * (abs(sigmas[j + 1] - sigmas[j]) if cfg.kl_dt_scale else 1)
+    loss = policy_loss + cfg.beta * kl
+    with torch.no_grad():
+        delta = out.log_prob - old_log_prob
+        informative = weights > 0
+        per_sample = weights.sum()  # turn the weighted sums back into means over the informative samples
+        parts = {
+            "loss": (loss / per_sample).item(), "policy_loss": (policy_loss / per_sample).item(), "kl": (kl / per_sample).item(),
+            "approx_kl": 0.5 * (delta[informative] ** 2).mean().item(),
+            "clip_fraction": ((delta[informative].exp() - 1).abs() > cfg.clip_range).float().mean().item(),
+        }
+    return loss, parts, delta
+
+
+def grad_scaler(dtype, device):
+    """Dynamic loss scaling for fp16 base weights (as the official fp16 runs, through accelerate's GradScaler):
+    the gradient at the transformer's output is ~|A| / (std B D), which underflows fp16 without it."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def sum_gradients(params, dist: Distributed):
+    """Data parallelism by hand: one all-reduce (sum) of the flattened LoRA gradients per optimizer step. The
+    losses are already divided by the sample count of all ranks (loss_weights), so the sum is the mean.
     (DDP's wrapper adds nothing here but hooks that fight with disable_adapter and accumulation.)"""
     if dist.world == 1:
         return
     grads = torch.cat([p.grad.flatten() for p in params])
     torch.distributed.all_reduce(grads)
-    grads /= dist.world
     offset = 0
     for p in params:
         p.grad.copy_(grads[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
 
 
-def rank_advantages(all_rewards: torch.Tensor, cfg: Config, dist: Distributed) -> torch.Tensor:
-    """This rank's advantages, from the rewards of all ranks (rank-major, group by group): exactly
-    what one process holding every sample would compute, global std included."""
-    group_ids = torch.arange(len(all_rewards) // cfg.group_size).repeat_interleave(cfg.group_size)
-    advantages = group_advantages(all_rewards, group_ids, cfg.global_std)
-    return advantages.view(dist.world, -1)[dist.rank]
+def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm: float) -> str:
+    """All-reduce, unscale, clip and apply the accumulated gradient. Returns "applied"; "nonfinite" when the
+    gradient is NaN/inf and nothing was applied; or, with fp16 loss scaling, "overflow": the scaler skipped the
+    step and lowered the scale, which is how dynamic loss scaling works, not a sign of divergence."""
+    sum_gradients(params, dist)
+    scaler.unscale_(optimizer)
+    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skipped when unscale_ found inf/NaN
+        scaler.update()
+        outcome = "applied" if finite else "overflow"
+    else:
+        if finite:  # a NaN/inf loss leaves a non-finite gradient: never apply it
+            optimizer.step()
+        outcome = "applied" if finite else "nonfinite"
+    optimizer.zero_grad(set_to_none=False)
+    return outcome
 
 
 def check_config(cfg: Config, dist: Distributed):
     if cfg.group_size < 2:
         raise UsageError(f"--group-size {cfg.group_size}: GRPO compares samples of a prompt, a group needs at least 2")
-    if cfg.batch_size % cfg.group_size:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of --group-size {cfg.group_size}: a batch holds whole groups")
-    if cfg.groups_per_step * cfg.group_size % (cfg.batch_size * dist.world):
+    images = cfg.groups_per_step * cfg.group_size
+    if cfg.batch_size < 1 or images % (cfg.batch_size * dist.world):
         raise UsageError(
-            f"--groups-per-step {cfg.groups_per_step} x --group-size {cfg.group_size} images must split into batches of "
-            f"--batch-size {cfg.batch_size} on {dist.world} process(es)"
+            f"--groups-per-step {cfg.groups_per_step} x --group-size {cfg.group_size} = {images} images must split into "
+            f"batches of --batch-size {cfg.batch_size} on {dist.world} process(es)"
+        )
+    batches = images // (cfg.batch_size * dist.world)
+    if not 1 <= cfg.updates_per_step <= batches:
+        raise UsageError(
+            f"--updates-per-step {cfg.updates_per_step}: use 1..{batches}, the rollout batches per process (an optimizer "
+            f"step takes whole trajectories)"
         )
     if cfg.sde_type not in ("sde", "cps"):
         raise UsageError(f"--sde-type {cfg.sde_type}: use sde or cps")
@@ -678,6 +782,7 @@ def train(cfg: Config):
     # Text first: with precompute_text_embeds the encoders leave before the transformer arrives.
     text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device)
     pipe.to(dist.device)
+    pipe.vae.to(torch.float32)  # decode in fp32, as the official `scripts/train_sd3.py`, `main()`
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, cfg)
     if cfg.gradient_checkpointing:
@@ -702,9 +807,13 @@ def train(cfg: Config):
         with swap_in(params, ema_params if cfg.ema else params):
             return evaluate(pipe, transformer, cfg, dist, reward_fn, eval_prompts, text_for, step)
 
-    groups_per_rank = cfg.groups_per_step // dist.world
-    prompts_per_batch = cfg.batch_size // cfg.group_size
+    images_per_rank = cfg.groups_per_step * cfg.group_size // dist.world
+    num_batches = images_per_rank // cfg.batch_size
+    chunks = update_chunks(num_batches, cfg.updates_per_step)
     sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)
+    scaler = grad_scaler(dtype, dist.device)
+    for p in params:  # a rank with nothing to train in an update still takes part in the all-reduce
+        p.grad = torch.zeros_like(p)
     nonfinite_in_a_row = 0
     if start_step == 0:
         eval_metrics = run_eval(0)
@@ -713,93 +822,83 @@ def train(cfg: Config):
     for step in range(start_step, cfg.max_steps):
         timer = {}
         started = clock(dist.device)
-        generator = seeded(cfg.seed, step, dist.rank)
         sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same window on every rank
         noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
-        step_prompts = prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed)
-        my_prompts = step_prompts[dist.rank * groups_per_rank : (dist.rank + 1) * groups_per_rank]
+        # G images per prompt, prompt after prompt; each rank takes a contiguous slice, so a group may
+        # span batches and ranks (the official recipe spreads a group of 24 over GPUs).
+        image_prompts = [p for p in prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed) for _ in range(cfg.group_size)]
+        my_prompts = image_prompts[dist.rank * images_per_rank : (dist.rank + 1) * images_per_rank]
 
         # 1. Rollout: G images per prompt with the SDE, recording x_t and log pi_old at every step.
         batches = []
-        for start in tqdm(range(0, groups_per_rank, prompts_per_batch), desc=f"step {step + 1} rollout", leave=False, disable=not dist.main):
-            batch_prompts = my_prompts[start : start + prompts_per_batch]
-            text = text_for(batch_prompts, cfg.group_size)
+        for b in tqdm(range(num_batches), desc=f"step {step + 1} rollout", leave=False, disable=not dist.main):
+            batch_prompts = my_prompts[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            text = text_for(batch_prompts, 1)
+            # Noise seeded by the batch's place in the step, not by the rank: any number of processes
+            # draws the same images.
+            generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
             noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
             trajectory = sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator)
-            batches.append((batch_prompts, text, trajectory))
+            batches.append(RolloutBatch(batch_prompts, text, trajectory))
         timer["rollout"] = clock(dist.device) - started
 
         # 2. Reward of each final image, one batched call per rollout batch.
         started = clock(dist.device)
         scores = {}
-        for batch_prompts, _, trajectory in tqdm(batches, desc=f"step {step + 1} reward", leave=False, disable=not dist.main):
-            images = decode_images(pipe, trajectory.latents[:, -1])
-            repeated = [p for p in batch_prompts for _ in range(cfg.group_size)]
-            for name, value in score(reward_fn, images, repeated).items():
+        for batch in tqdm(batches, desc=f"step {step + 1} reward", leave=False, disable=not dist.main):
+            images = decode_images(pipe, batch.trajectory.latents[:, -1])
+            for name, value in score(reward_fn, images, batch.prompts).items():
                 scores.setdefault(name, []).append(value)
         scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
         timer["reward"] = clock(dist.device) - started
 
-        # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks.
+        # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
         started = clock(dist.device)
-        advantages = rank_advantages(scores["reward"], cfg, dist)
-        mine = advantages.to(dist.device).split(cfg.batch_size)
+        advantages = step_advantages(scores["reward"], image_prompts, cfg)  # [all images of the step]
+        weights = loss_weights(advantages, chunks, len(trained_steps), dist.world, cfg.batch_size)
+        mine = advantages.view(dist.world, num_batches, cfg.batch_size)[dist.rank].to(dist.device)
+        my_weights = weights[dist.rank].to(dist.device)  # [batches, B]
+        skip = not bool(weights.any())  # every group constant: nothing to learn
 
-        # 4. Policy update (Eq. 5-6, 10): the same batches as the rollout, so the first forward
-        #    reproduces the rollout's exactly (ratio 1); gradients accumulated over updates_per_step.
-        backwards = len(batches) * len(trained_steps)
-        accumulate = math.ceil(backwards / cfg.updates_per_step)
+        # 4. Policy update (Eq. 5-6, 10) on the rollout's own batches, so the first forward reproduces
+        #    the rollout's exactly (ratio 1); updates_per_step optimizer steps, each on whole trajectories.
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
         first_ratio_error = None
-        nonfinite_updates = 0
-        grouped = scores["reward"].view(-1, cfg.group_size)
-        constant_groups = (grouped.max(1).values == grouped.min(1).values).float()
-        skip = bool(constant_groups.all())  # every advantage is 0 on every rank: nothing to learn
-        progress = tqdm(total=0 if skip else backwards, desc=f"step {step + 1} train", leave=False, disable=not dist.main)
-        for count, ((_, text, trajectory), adv, j) in enumerate(
-            (b, a, j) for b, a in ([] if skip else zip(batches, mine)) for j in trained_steps
-        ):
-            x = trajectory.latents[:, j]
-            v = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
-            out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=trajectory.latents[:, j + 1])
-            old_log_prob = trajectory.log_probs[:, j]
-            policy_loss = grpo_loss(out.log_prob, old_log_prob, adv, cfg.clip_range, cfg.adv_clip)
-            kl = torch.zeros(())
-            if cfg.beta > 0:
-                with torch.no_grad(), transformer.disable_adapter():
-                    v_ref = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
-                ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
-                kl = gaussian_kl(out.mean, ref_mean, out.std).mean() * (abs(sigmas[j + 1] - sigmas[j]) if cfg.kl_dt_scale else 1)
-            loss = policy_loss + cfg.beta * kl
-            (loss / accumulate).backward()
-            with torch.no_grad():
-                delta = out.log_prob - old_log_prob
-                if first_ratio_error is None:  # before any update: must be 0 (on-policy)
-                    first_ratio_error = (delta.exp() - 1).abs().max().item()
-                stats["loss"].append(loss.item())
-                stats["policy_loss"].append(policy_loss.item())
-                stats["kl"].append(kl.item())
-                stats["approx_kl"].append(0.5 * (delta**2).mean().item())
-                stats["clip_fraction"].append(((delta.exp() - 1).abs() > cfg.clip_range).float().mean().item())
-            if (count + 1) % accumulate == 0 or count + 1 == backwards:
-                average_gradients(params, dist)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                if torch.isfinite(grad_norm):  # a NaN/inf loss leaves a non-finite gradient: never apply it
-                    optimizer.step()
-                    optimizer_step += 1
-                    nonfinite_in_a_row = 0
-                    if optimizer_step % cfg.ema_every == 0:
-                        ema_update(ema_params, params, optimizer_step)
-                else:
-                    nonfinite_updates += 1
-                    nonfinite_in_a_row += 1
-                    print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", flush=True)
-                    if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                        raise TrainingDiverged(
-                            f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}: lower --lr or "
-                            f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints")
-                optimizer.zero_grad(set_to_none=False)
-            progress.update()
+        nonfinite_updates = overflow_updates = 0
+        progress = tqdm(total=0 if skip else num_batches * len(trained_steps), desc=f"step {step + 1} train", leave=False, disable=not dist.main)
+        for chunk in ([] if skip else chunks):
+            if not weights[:, chunk].any():
+                continue  # no informative sample on any rank: no optimizer step
+            losses_finite = True
+            for b in chunk:
+                if not my_weights[b].any():
+                    progress.update(len(trained_steps))
+                    continue  # nothing to learn from this batch (its gradient would be 0)
+                for j in trained_steps:
+                    loss, parts, delta = step_loss(transformer, batches[b], j, mine[b], my_weights[b], sigmas, timesteps, noise_levels, step_fn, cfg)
+                    scaler.scale(loss).backward()
+                    if first_ratio_error is None:  # before any update: must be 0 (on-policy)
+                        first_ratio_error = (delta.exp() - 1).abs().max().item()
+                    for name, value in parts.items():
+                        stats[name].append(value)
+                    losses_finite = losses_finite and math.isfinite(parts["loss"])
+                    progress.update()
+            outcome = optimizer_update(params, optimizer, scaler, dist, cfg.max_grad_norm)
+            if outcome == "applied":
+                optimizer_step += 1
+                nonfinite_in_a_row = 0
+                if optimizer_step % cfg.ema_every == 0:
+                    ema_update(ema_params, params, optimizer_step)
+            elif outcome == "overflow" and losses_finite:
+                overflow_updates += 1  # fp16: the loss scale was too high; the scaler lowered it
+            else:
+                nonfinite_updates += 1
+                nonfinite_in_a_row += 1
+                print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", flush=True)
+                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                    raise TrainingDiverged(
+                        f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}: lower --lr or "
+                        f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints")
         progress.close()
         timer["train"] = clock(dist.device) - started
 
@@ -807,10 +906,12 @@ def train(cfg: Config):
         record = {"step": step + 1, "optimizer_steps": optimizer_step, "skipped_update": skip}
         for name, value in scores.items():
             record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
-        record["zero_std_group_ratio"] = constant_groups.mean().item()
+        record["zero_std_group_ratio"] = constant_group_fraction(advantages, image_prompts)
         record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
         record["first_ratio_error"] = first_ratio_error
         record["nonfinite_updates"] = nonfinite_updates
+        if scaler.is_enabled():
+            record["fp16_overflow_updates"], record["loss_scale"] = overflow_updates, scaler.get_scale()
         record.update({f"seconds_{k}": v for k, v in timer.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(run_eval(step + 1))

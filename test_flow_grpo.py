@@ -743,6 +743,127 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
     assert any(not torch.equal(p, e) for p, e in zip(run.params, run.ema_params))  # and the EMA is not the raw LoRA
 
 
+def test_groups_are_prompts_even_when_a_prompt_is_drawn_twice():
+    prompts = ["a"] * 4 + ["b"] * 4 + ["a"] * 4  # "a" drawn twice in one step: one group of 8
+    rewards = torch.tensor([0.0, 1, 2, 3, 5, 5, 5, 5, 4, 5, 6, 7])
+    cfg = F.Config(group_size=4)
+    expected = F.group_advantages(rewards, torch.tensor([0] * 4 + [1] * 4 + [0] * 4), global_std=True)
+    torch.testing.assert_close(F.step_advantages(rewards, prompts, cfg), expected, rtol=0, atol=0)
+    positional = F.group_advantages(rewards, torch.arange(3).repeat_interleave(4), global_std=True)
+    assert not torch.allclose(expected, positional)
+    assert F.constant_group_fraction(expected, prompts) == 0.5  # "b" was constant, "a" was not
+
+
+def test_loss_weights_average_each_update_over_its_informative_samples():
+    # 2 ranks x 3 batches x 2 images; rank 0's first batch is a constant group (A = 0).
+    advantages = torch.tensor([0.0, 0, 1, -1, 2, -2, 1, 0, -1, 1, 3, -3])
+    chunks = F.update_chunks(3, 2)
+    assert chunks == [[0, 1], [2]]  # whole batches, as even as possible
+    weights = F.loss_weights(advantages, chunks, num_trained_steps=4, world=2, batch_size=2)
+    assert weights.shape == (2, 3, 2)
+    assert torch.all(weights.flatten()[advantages == 0] == 0) and torch.all(weights.flatten()[advantages != 0] > 0)
+    for chunk in chunks:  # every optimizer step: a mean (weights sum to 1 over samples and trained steps)
+        assert weights[:, chunk].sum().item() * 4 == pytest.approx(1.0)
+    torch.testing.assert_close(weights[0, 1], torch.full((2,), 1 / (5 * 4)))  # chunk 0 holds 5 informative samples
+
+
+def informative_and_constant_batch(pipe, transformer, cfg, latent_side=8):
+    """A rollout batch of 4 images: the first two of a constant-reward prompt (A = 0), the last two informative."""
+    prompts = ["a cat", "a cat", "the dog", "the dog"]
+    text = F.encode_prompts(pipe, prompts, 1, cfg.guidance_scale, "cpu")
+    sigmas, timesteps = F.schedule(pipe, cfg.num_steps, "cpu")
+    noise = torch.randn(4, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
+    trajectory = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, [cfg.noise_level] * cfg.num_steps,
+                          generator=torch.Generator().manual_seed(1))
+    return F.RolloutBatch(prompts, text, trajectory), sigmas, timesteps, torch.tensor([0.0, 0.0, 1.5, -0.5])
+
+
+def lora_gradient(transformer, loss):
+    params = F.lora_parameters(transformer)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in params])
+
+
+def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny_pipe, tmp_path):
+    import copy
+
+    cfg = tiny_config(tmp_path, beta=0.0)
+    transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)
+    with torch.no_grad():  # a LoRA that changes the model, so that the gradient is not the on-policy special case
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
+    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
+    levels = [cfg.noise_level] * cfg.num_steps
+    loss, _, _ = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+    ours = lora_gradient(transformer, loss)
+    # The official way: drop the constant group's samples, then the plain mean over those left.
+    kept = F.RolloutBatch(batch.prompts[2:], F.TextEmbeddings(*(torch.cat([t[:4][2:], t[4:][2:]]) for t in batch.text)),
+                          F.Trajectory(batch.trajectory.latents[2:], batch.trajectory.log_probs[2:]))
+    loss, _, _ = F.step_loss(transformer, kept, 1, advantages[2:], None, sigmas, timesteps, levels, F.sde_step, cfg)
+    dropped = lora_gradient(transformer, loss)
+    assert dropped.abs().max() > 0
+    torch.testing.assert_close(ours, dropped, rtol=1e-4, atol=1e-9)
+
+
+def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
+    import copy
+
+    cfg = tiny_config(tmp_path, beta=0.0)
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        pipe = copy.deepcopy(tiny_pipe).to(dtype)
+        transformer, _ = F.add_lora(pipe.transformer, cfg)  # B = 0: on-policy, the ratio is exactly 1
+        # 128 px (16k latent dims) and the weight of a sample in an update of 12 such batches x 9 trained
+        # steps: per-element gradients as small as a real run's, where fp16 underflows without scaling.
+        batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg, latent_side=32)
+        weights = F.loss_weights(advantages.repeat(12), [list(range(12))], num_trained_steps=9, world=1, batch_size=4)[0, 0]
+        levels = [cfg.noise_level] * cfg.num_steps
+        loss, _, delta = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+        assert torch.all(delta == 0)
+        scaler = F.grad_scaler(dtype, torch.device("cpu"))  # what train() uses for this dtype
+        assert scaler.is_enabled() == (dtype == torch.float16)
+        grads[dtype] = lora_gradient(transformer, scaler.scale(loss)) / scaler.get_scale()
+    cosine = torch.nn.functional.cosine_similarity(grads[torch.float16].double(), grads[torch.float32].double(), dim=0)
+    print(f"fp16 vs fp32 LoRA gradient cosine {cosine.item():.5f}")
+    assert cosine >= 0.99
+
+
+def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path, monkeypatch):
+    calls = []
+    real_loss, real_update = F.step_loss, F.optimizer_update
+
+    def loss_spy(transformer, batch, j, advantages, weights, *args):
+        calls.append(("loss", batch.trajectory.latents.data_ptr(), j, weights.sum().item()))
+        return real_loss(transformer, batch, j, advantages, weights, *args)
+
+    def update_spy(*args):
+        calls.append(("update",))
+        return real_update(*args)
+
+    monkeypatch.setattr(F, "step_loss", loss_spy)
+    monkeypatch.setattr(F, "optimizer_update", update_spy)
+    # 3 batches, 2 updates: [2 batches], [1 batch]; 3 trained steps each.
+    cfg = tiny_config(tmp_path / "out", groups_per_step=3, batch_size=4, updates_per_step=2)
+    F.train(cfg)
+    updates = [[]]
+    for call in calls:
+        updates[-1].append(call) if call[0] == "loss" else updates.append([])
+    updates = updates[:-1]
+    assert len(updates) == 2
+    assert [len({c[1] for c in u}) for u in updates] == [2, 1]  # whole trajectories, never split
+    for u in updates:
+        assert len(u) == 3 * len({c[1] for c in u}) and sum(c[3] for c in u) == pytest.approx(1.0)
+
+
+def test_vae_decodes_in_fp32_under_bf16(tmp_path):
+    run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
+    assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16
+
+
 def test_window_steps_are_consecutive_in_the_first_half():
     cfg = F.Config(num_steps=10, sde_window=3)
     starts = set()
@@ -854,7 +975,8 @@ def bad_input_cases(tmp_path):
         "unreadable prompt file": (["--prompts", str(tmp_path / "binary.txt")], "cannot read prompt file", None),
         "empty prompt file": (["--eval-prompts", str(tmp_path / "empty.txt")], "has no prompts", None),
         "group of one": (["--group-size", "1"], "needs at least 2", None),
-        "batch not whole groups": (["--batch-size", "6"], "is not a multiple of --group-size 4", None),
+        "images not whole batches": (["--batch-size", "3"], "8 images must split into batches of --batch-size 3", None),
+        "more updates than batches": (["--updates-per-step", "3"], "--updates-per-step 3: use 1..2", None),
         "unknown reward": (["--reward", "pikscore"], "unknown reward 'pikscore'", "pickscore"),
         "malformed weight": (["--reward", "pickscore=lots"], "malformed weight", None),
         "custom reward shape": (["--reward", "bad_rewards_mod:wrong_shape"], "bad_rewards_mod:wrong_shape", "shape"),
@@ -865,7 +987,7 @@ def bad_input_cases(tmp_path):
 
 @pytest.mark.parametrize("case", [
     "unknown alias", "hub out of reach", "not an SD3 folder", "missing prompt file", "unreadable prompt file",
-    "empty prompt file", "group of one", "batch not whole groups", "unknown reward", "malformed weight",
+    "empty prompt file", "group of one", "images not whole batches", "more updates than batches", "unknown reward", "malformed weight",
     "custom reward shape", "custom reward NaN", "unwritable output",
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, bad_rewards):
@@ -885,8 +1007,8 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
     before = open(f"{out}/metrics.jsonl").read()
     code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out])  # no --resume: refused
     assert code == 2 and "already holds a run: pass --resume" in errors[0]
-    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out, "--resume", "--group-size", "2", "--lr", "0.5"])
-    assert code == 2 and "group_size: 4 -> 2" in errors[0] and "lr: 0.01 -> 0.5" in errors[0]
+    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out, "--resume", "--group-size", "8", "--lr", "0.5"])
+    assert code == 2 and "group_size: 4 -> 8" in errors[0] and "lr: 0.01 -> 0.5" in errors[0]
     assert open(f"{out}/metrics.jsonl").read() == before
     assert os.path.exists(f"{out}/lora/pytorch_lora_weights.safetensors")
 
@@ -929,22 +1051,33 @@ def test_constant_rewards_skip_the_update(tmp_path, bad_rewards):
 # ------------------------------------------------------------------------------------------------
 
 TORCHRUN_SCRIPT = """
-import json, os, sys, torch
+import os, sys, torch
 sys.path.insert(0, {repo!r})
 import flow_grpo as F
 import test_flow_grpo as T
 
-cfg = T.tiny_config({out!r}, max_steps=2, groups_per_step=4)
-run = F.train(cfg)
-dist = F.Distributed(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), torch.device("cpu"))
-# Advantages: each rank holds 2 groups of 4 rewards of its own; gather as the training loop does.
-local = torch.arange(8, dtype=torch.float32) * (dist.rank + 1) ** 2 + torch.tensor([0, 0, 0, 0, 1, 2, 3, 9.0]) * dist.rank
-mine = F.rank_advantages(F.all_gather(local, dist), cfg, dist)
-torch.save({{"params": [p.detach() for p in run.params], "local": local, "advantages": mine}}, {out!r} + f"/rank{{dist.rank}}.pt")
+grads = T.record_update_gradients()
+run = F.train(T.tiny_config({out!r}, **T.SPLIT_GROUPS))
+rank = int(os.environ["RANK"])
+torch.save({{"params": [p.detach() for p in run.params], "grads": grads}}, {out!r} + f"/rank{{rank}}.pt")
 """
+# 3 prompts x 4 images on 2 processes in batches of 2: the second group spans both ranks and two batches.
+SPLIT_GROUPS = dict(groups_per_step=3, batch_size=2, updates_per_step=1, max_steps=2)
 
 
-def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_path):
+def record_update_gradients():
+    """Spy on train(): the gradient of every optimizer step after the all-reduce, as the optimizer sees it."""
+    recorded, real = [], F.sum_gradients
+
+    def spy(params, dist):
+        real(params, dist)
+        recorded.append(torch.cat([p.grad.flatten() for p in params]).clone())
+
+    F.sum_gradients = spy
+    return recorded
+
+
+def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path, monkeypatch):
     import shutil
     import subprocess
 
@@ -959,13 +1092,20 @@ def test_two_processes_keep_identical_weights_and_single_process_advantages(tmp_
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p0, p1)
-    assert any(p.abs().sum() > 0 for p in ranks[0]["params"])
-    # One process on all 16 rewards (4 groups of 4) gives the same advantages, split by rank.
-    everything = torch.cat([ranks[0]["local"], ranks[1]["local"]])
-    single = F.group_advantages(everything, torch.arange(4).repeat_interleave(4), global_std=True)
-    torch.testing.assert_close(torch.cat([ranks[0]["advantages"], ranks[1]["advantages"]]), single, rtol=0, atol=0)
-    # Only rank 0 wrote the run's files: one metrics line per step.
-    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    # One process holding all 12 images: the same rewards, advantages and on-policy first update, and
+    # the gradient of every optimizer step equal to the 2-process one (not halved, not doubled).
+    monkeypatch.setattr(F, "sum_gradients", F.sum_gradients)
+    single_grads = record_update_gradients()
+    single = F.train(tiny_config(tmp_path / "single", **SPLIT_GROUPS))
+    assert len(single_grads) == len(ranks[0]["grads"]) == 2
+    for g1, g2 in zip(single_grads, ranks[0]["grads"]):
+        assert g1.abs().max() > 0
+        torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
+    for p1, p2 in zip(single.params, ranks[0]["params"]):
+        torch.testing.assert_close(p2, p1.detach(), rtol=1e-5, atol=1e-6)
+    for r1, r2 in zip(read_metrics(tmp_path / "single"), read_metrics(out)):  # rank 0 alone wrote the run's files
+        assert r2["step"] == r1["step"] and r2["first_ratio_error"] == r1["first_ratio_error"] == 0.0
+        assert r2["reward_mean"] == r1["reward_mean"] and r2["reward_std"] == r1["reward_std"]
 
 
 def test_prompt_stream_visits_every_prompt_once_per_pass_and_is_a_function_of_the_step():
