@@ -626,6 +626,11 @@ def step_loss(transformer, batch: RolloutBatch, j: int, advantages, weights, sig
     return loss, parts, delta
 
 
+def make_optimizer(params, cfg: Config):
+    """AdamW with the official settings (`config/base.py`: betas (0.9, 0.999), eps 1e-8), constant learning rate."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+
+
 def grad_scaler(dtype, device):
     """Dynamic loss scaling for fp16 base weights (as the official fp16 runs, through accelerate's GradScaler):
     the gradient at the transformer's output is ~|A| / (std B D), which underflows fp16 without it."""
@@ -789,7 +794,7 @@ def train(cfg: Config):
         pipe.transformer.enable_gradient_checkpointing()
     transformer, lora_config = add_lora(pipe.transformer, cfg)
     params = lora_parameters(transformer)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    optimizer = make_optimizer(params, cfg)
     ema_params = [p.detach().clone() for p in params]
     step_fn = sde_step if cfg.sde_type == "sde" else cps_step
     start_step, optimizer_step = 0, 0

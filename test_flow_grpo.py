@@ -859,6 +859,119 @@ def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path
         assert len(u) == 3 * len({c[1] for c in u}) and sum(c[3] for c in u) == pytest.approx(1.0)
 
 
+def test_an_update_is_a_hand_computed_clipped_adamw_step():
+    cfg = F.Config(lr=0.1, weight_decay=0.5, max_grad_norm=1.0)
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = F.make_optimizer([p], cfg)  # what train() builds
+    p.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped to norm 1
+    assert F.optimizer_update([p], optimizer, F.grad_scaler(torch.float32, torch.device("cpu")), F.Distributed(0, 1, "cpu"), 1.0) == "applied"
+    g = torch.tensor([0.6, 0.8])
+    m, v = 0.1 * g, 0.001 * g**2  # first moments after one step, betas (0.9, 0.999)
+    m_hat, v_hat = m / 0.1, v / 0.001
+    expected = torch.tensor([1.0, -2.0]) * (1 - 0.1 * 0.5) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    assert torch.all(p.grad == 0)  # gradients are zeroed for the next accumulation
+
+
+def test_ema_update_follows_the_official_warm_up_decay():
+    ema, p = [torch.tensor([0.0, 10.0])], [torch.tensor([1.0, 0.0])]
+    F.ema_update(ema, p, optimizer_step=1)  # decay min(2 / 11, 0.9): mostly the new weights early on
+    torch.testing.assert_close(ema[0], torch.tensor([9 / 11, 20 / 11]))
+    F.ema_update(ema, p, optimizer_step=100)  # decay capped at 0.9
+    torch.testing.assert_close(ema[0], torch.tensor([0.9 * 9 / 11 + 0.1, 0.9 * 20 / 11]))
+
+
+def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tmp_path, monkeypatch):
+    encoded, rewarded, evaluated = [], [], []
+    real_text_encoder_for, real_evaluate, real_score = F.text_encoder_for, F.evaluate, F.score
+
+    def text_encoder_spy(*args, **kwargs):
+        text_for = real_text_encoder_for(*args, **kwargs)
+
+        def spy(prompts, *rest):
+            encoded.append(list(prompts))
+            return text_for(prompts, *rest)
+        return spy
+
+    def score_spy(reward_fn, images, prompts):
+        rewarded.append(list(prompts))
+        return real_score(reward_fn, images, prompts)
+
+    def evaluate_spy(pipe, transformer, *args):
+        evaluated.append([p.detach().clone() for p in F.lora_parameters(transformer)])
+        return real_evaluate(pipe, transformer, *args)
+
+    monkeypatch.setattr(F, "text_encoder_for", text_encoder_spy)
+    monkeypatch.setattr(F, "score", score_spy)
+    monkeypatch.setattr(F, "evaluate", evaluate_spy)
+    cfg = tiny_config(tmp_path / "out", groups_per_step=3, batch_size=2, max_steps=2, eval_every=1, ema_every=1,
+                      prompts=str(write_prompts(tmp_path, ["p one", "p two", "p three", "p four"])))
+    run = F.train(cfg)
+    # Rollout batches are encoded and then rewarded in the same order: each image's prompt is its own.
+    rollout_prompts = [e for e in encoded if len(e) == 2 and e[0].startswith("p ")]
+    rollout_rewards = [r for r in rewarded if r[0].startswith("p ")]
+    assert rollout_rewards == rollout_prompts and len(rollout_rewards) == 2 * 6
+    for step in range(2):  # 3 prompts x 4 images, in groups
+        images = sum(rollout_rewards[6 * step : 6 * (step + 1)], [])
+        assert [images[4 * g] for g in range(3)] == F.prompts_for_step(["p one", "p two", "p three", "p four"], 3, step, 0)
+        assert all(images[4 * g + i] == images[4 * g] for g in range(3) for i in range(4))
+    # Evaluation sees the EMA weights, not the raw LoRA.
+    for got, want in zip(evaluated[-1], run.ema_params):
+        assert torch.equal(got, want)
+    assert any(not torch.equal(got, p) for got, p in zip(evaluated[-1], run.params))
+
+
+def write_prompts(folder, prompts):
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(prompts) + "\n")
+    return path
+
+
+def test_rollout_noise_comes_from_the_seeded_generators_only(tmp_path, monkeypatch):
+    first = F.train(tiny_config(tmp_path / "a"))
+    real_sample = F.sample
+
+    def global_rng_disturbed(*args, **kwargs):
+        torch.randn(1000)  # noise drawn from the global RNG would now differ
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(F, "sample", global_rng_disturbed)
+    second = F.train(tiny_config(tmp_path / "b"))
+    assert read_metrics(tmp_path / "a")[0]["reward_mean"] == read_metrics(tmp_path / "b")[0]["reward_mean"]
+    for p1, p2 in zip(first.params, second.params):
+        assert torch.equal(p1, p2)
+
+
+def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, monkeypatch):
+    log_probs, real_sample = [], F.sample
+
+    def spy(*args, **kwargs):
+        out = real_sample(*args, **kwargs)
+        log_probs.append(out.log_probs)
+        return out
+
+    monkeypatch.setattr(F, "sample", spy)
+    cfg = tiny_config(tmp_path / "out", sde_window=2, num_steps=8, max_steps=2)
+    F.train(cfg)
+    rollouts = [lp for lp in log_probs if lp.shape[1] == 8]  # evaluation runs 4 steps
+    assert len(rollouts) == 2 * 2
+    for step in range(2):
+        window, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, step))
+        rollout = torch.cat(rollouts[2 * step : 2 * step + 2])
+        for j in range(8):  # an ODE step has no density: 0; an SDE step a finite, nonzero log-prob
+            assert bool(torch.all(rollout[:, j] != 0)) == (j in window), (step, j)
+
+
+def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = tiny_pipe(prompt=["a cat", "a dog"], latents=latents.clone(), num_inference_steps=3, guidance_scale=4.5,
+                         height=32, width=32, output_type="np", max_sequence_length=128).images
+    final = tiny_pipe(prompt=["a cat", "a dog"], latents=latents.clone(), num_inference_steps=3, guidance_scale=4.5,
+                      height=32, width=32, output_type="latent", max_sequence_length=128).images
+    ours = np.stack([np.asarray(image) for image in F.decode_images(tiny_pipe, final)])
+    assert np.abs(ours.astype(float) - np.round(expected * 255)).max() <= 1
+
+
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
     run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
     assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16
