@@ -266,16 +266,38 @@ def _check_local_dir(name: str, folder: str) -> None:
         )
 
 
+def clip_processor(source: str):
+    """A CLIPProcessor whose image processor is always the PIL one.
+
+    transformers 5 loads a torchvision image processor whenever torchvision is installed (usual on GPU
+    machines) and a PIL one otherwise; their resizes differ, so the same image would score differently
+    in the tests and in a real run. PIL is what the official code ran: transformers==4.40.0 (official
+    ``setup.py``), whose CLIPImageProcessor is the PIL one, loaded by ``AutoProcessor.from_pretrained``
+    (official ``flow_grpo/pickscore_scorer.py``, ``PickScoreScorer.__init__``).
+    """
+    from transformers import AutoTokenizer, CLIPProcessor
+
+    # transformers 5 names the PIL backend CLIPImageProcessorPil; in transformers 4 CLIPImageProcessor is PIL.
+    try:
+        from transformers import CLIPImageProcessorPil as PilImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as PilImageProcessor
+
+    return CLIPProcessor(
+        image_processor=PilImageProcessor.from_pretrained(source), tokenizer=AutoTokenizer.from_pretrained(source)
+    )
+
+
 def _load_clip(name: str, model_src: str, processor_src: str, device, cache: dict):
     """Load a frozen float32 CLIPModel and its CLIPProcessor; shared within one load_reward call."""
     key = (model_src, processor_src, str(device))
     if key in cache:
         return cache[key]
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     try:
         model = CLIPModel.from_pretrained(model_src, dtype=torch.float32)
-        processor = CLIPProcessor.from_pretrained(processor_src)
+        processor = clip_processor(processor_src)
     except (OSError, ValueError) as err:  # offline/uncached -> OSError, bad id -> ValueError
         raise _unavailable(name, model_src, err) from err
     model = model.to(device).eval().requires_grad_(False)

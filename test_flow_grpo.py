@@ -543,6 +543,91 @@ def test_weighted_mix_is_weighted_sum(tiny_clip_dir, tiny_aesthetic_dir):
         assert_scores(out, name, 3)
 
 
+# --------------------------------------------------------------------------- CLIP preprocessing
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])  # OpenAI CLIP's normalisation constants
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def clip_pixels(image, side, crop):
+    """CLIP's preprocessing written out: bicubic resize of the shortest side to `side` (the long side to
+    int(side * long / short)), centre crop `crop` x `crop`, scale to [0, 1], normalise; [3, crop, crop]."""
+    w, h = image.size
+    size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    x = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float64) / 255
+    top, left = (x.shape[0] - crop) // 2, (x.shape[1] - crop) // 2
+    x = (x[top : top + crop, left : left + crop] - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+@pytest.fixture
+def torchvision_believed_available(monkeypatch, tiny_clip_dir):
+    """Make transformers believe torchvision is installed, as on a GPU machine: its auto loader then takes the
+    torchvision CLIPImageProcessor. torchvision cannot run next to this CPU torch, so a stand-in plays that
+    class: another backend, other pixels (bilinear instead of bicubic)."""
+    from transformers import CLIPImageProcessorPil, CLIPProcessor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.auto import image_processing_auto as auto
+
+    class StandInTorchvisionCLIP(CLIPImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample=PILImageResampling.BILINEAR, **kwargs)
+
+    by_name = auto.get_image_processor_class_from_name
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "get_image_processor_class_from_name",
+                        lambda name: StandInTorchvisionCLIP if name == "CLIPImageProcessor" else by_name(name))
+    # transformers' own choice is now the "torchvision" one, as it would be on a GPU machine.
+    assert type(CLIPProcessor.from_pretrained(tiny_clip_dir).image_processor) is StandInTorchvisionCLIP
+
+
+def test_clip_preprocessing_is_pinned_to_pil_and_equals_clips_recipe(torchvision_believed_available, tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    folder = str(tmp_path / "clip_processor")
+    tokenizer = F.build_tiny_clip_tokenizer(os.path.join(folder, "_tokenizer"))
+    CLIPImageProcessorPil().save_pretrained(folder)  # CLIP-L/14's and CLIP-H's settings: 224 px, bicubic
+    tokenizer.save_pretrained(folder)
+    processor = rewards.clip_processor(folder)
+    assert type(processor.image_processor) is CLIPImageProcessorPil
+    images = [make_images(1, size=512, seed=1)[0], make_images(1, size=300, seed=2)[0].crop((0, 0, 300, 200)),
+              make_images(1, size=300, seed=3)[0].crop((0, 0, 180, 300))]  # square, wide, tall
+    got = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = torch.stack([clip_pixels(image, 224, 224) for image in images]).float()
+    # uint8 resizes are identical; what is left is float32 rounding of values of size ~2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic"])
+def test_every_clip_reward_scores_clips_recipe_pixels(name, torchvision_believed_available, tiny_clip_dir,
+                                                      tiny_aesthetic_dir):
+    from transformers import CLIPModel
+
+    folder = tiny_aesthetic_dir if name == "aesthetic" else tiny_clip_dir
+    images = make_images(seed=11)
+    out = rewards.load_reward(name, model_dirs={name: folder})(images, PROMPTS)
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = torch.stack([clip_pixels(image, 32, 32) for image in images]).float()  # the tiny CLIPs take 32 px
+    with torch.no_grad():
+        v = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        v = v / v.norm(dim=-1, keepdim=True)
+    if name == "aesthetic":
+        mlp = rewards.AestheticMLP(in_dim=16).eval()
+        mlp.load_state_dict(rewards.load_state_dict_file(os.path.join(folder, "aesthetic_mlp.safetensors")))
+        with torch.no_grad():
+            expected = mlp(v).squeeze(1)
+    else:
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(folder)(PROMPTS, padding=True, truncation=True, max_length=77,
+                                                    return_tensors="pt")
+        with torch.no_grad():
+            t = model.text_projection(model.text_model(**tok).pooler_output)
+            t = t / t.norm(dim=-1, keepdim=True)
+            expected = model.logit_scale.exp() * (t * v).sum(-1) / (26.0 if name == "pickscore" else 30.0)
+    torch.testing.assert_close(out[name], expected, atol=1e-5, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- custom rewards
 
 
