@@ -423,7 +423,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib')"
+    heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib', 'rapidocr_onnxruntime')"
     code = f"import sys, flow_grpo, toy_2d, rewards; print(any(m in sys.modules for m in {heavy}))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(rewards.__file__)), check=True)
@@ -626,6 +626,108 @@ def test_every_clip_reward_scores_clips_recipe_pixels(name, torchvision_believed
             t = t / t.norm(dim=-1, keepdim=True)
             expected = model.logit_scale.exp() * (t * v).sum(-1) / (26.0 if name == "pickscore" else 30.0)
     torch.testing.assert_close(out[name], expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- OCR (the real PP-OCRv4 models)
+
+
+def dejavu_font(size):
+    """DejaVu Sans, which matplotlib ships (matplotlib is in requirements.txt)."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+
+
+def text_image(text, size=512, font_size=72, background=(236, 228, 210), ink=(25, 25, 30)):
+    """`text` drawn large and centred on a plain background."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font = dejavu_font(font_size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((size - right - left) / 2, (size - bottom - top) / 2), text, font=font, fill=ink)
+    return image
+
+
+@pytest.fixture(scope="module")
+def ocr_reward():
+    return rewards.load_reward("ocr")
+
+
+@pytest.mark.parametrize("a, b, distance", [
+    ("", "", 0), ("abc", "", 3), ("", "abc", 3), ("abc", "abc", 0), ("kitten", "sitting", 3),
+    ("flaw", "lawn", 2), ("intention", "execution", 5), ("ab", "ba", 2), ("helowrld", "helloworld", 2),
+])
+def test_edit_distance_hand_cases(a, b, distance):
+    assert rewards.edit_distance(a, b) == distance
+    assert rewards.edit_distance(b, a) == distance
+
+
+def test_ocr_similarity_hand_cases():
+    assert rewards.ocr_target('a sign that says "Hello World" and "more"') == "Hello World"
+    assert rewards.ocr_similarity("hello world", "Hello World") == 1.0  # spaces and case ignored
+    assert rewards.ocr_similarity("OPEN 24 HOURS", "open") == 1.0  # a substring counts as found
+    assert rewards.ocr_similarity("Helo Wrld", "Hello World") == pytest.approx(1 - 2 / 10)
+    assert rewards.ocr_similarity("", "OPEN") == 0.0
+    assert rewards.ocr_similarity("completely unrelated words", "OPEN") == 0.0  # distance capped at len
+
+
+def test_ocr_reads_the_quoted_text_and_scores_the_official_rule(ocr_reward):
+    prompt = 'a mural with the words "Hello World"'
+    engine = ocr_reward.components[0][2]
+    drawn, blank, misspelt = text_image("Hello World"), Image.new("RGB", (512, 512), "white"), text_image("Helo Wrld")
+    assert engine.recognize(drawn).replace(" ", "") == "HelloWorld"
+    assert engine.recognize(blank) == ""
+    assert engine.recognize(misspelt).replace(" ", "") == "HeloWrld"
+    out = ocr_reward([drawn, blank, misspelt], [prompt] * 3)
+    # the misspelling by hand: "helowrld" -> "helloworld" inserts an l and an o: d = 2, L = 10
+    torch.testing.assert_close(out["ocr"], torch.tensor([1.0, 0.0, 1 - 2 / 10]))
+    torch.testing.assert_close(out["reward"], out["ocr"])
+
+
+def test_ocr_prompt_without_quotes_is_an_error_naming_it(ocr_reward):
+    with pytest.raises(ValueError) as info:
+        ocr_reward([text_image("OPEN")], ["a shop sign that says OPEN"])
+    assert "'a shop sign that says OPEN'" in str(info.value) and "double quotes" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ocr_engine_built_once_and_batch_of_8_timed(monkeypatch):
+    import time
+
+    import rapidocr_onnxruntime
+
+    built = []
+
+    class Counted(rapidocr_onnxruntime.RapidOCR):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rapidocr_onnxruntime, "RapidOCR", Counted)
+    reward = rewards.load_reward("ocr")
+    words = ["OPEN", "Monday", "Late Night", "STOP", "Moon Trip", "Ship It", "Beach", "EXIT"]
+    images = [text_image(word, font_size=60 + 4 * i) for i, word in enumerate(words)]
+    prompts = [f'a sign that says "{word}"' for word in words]
+    reward(images[:1], prompts[:1])  # warm-up
+    started = time.perf_counter()
+    out = reward(images, prompts)
+    seconds = time.perf_counter() - started
+    print(f"\nOCR reward: 8 images of 512x512 in {seconds:.2f} s on {torch.get_num_threads()} thread(s)")
+    assert len(built) == 1 and built[0]["intra_op_num_threads"] == torch.get_num_threads()
+    torch.testing.assert_close(out["ocr"], torch.ones(8))
+
+
+def test_ocr_package_missing_is_one_line_saying_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # import now raises ImportError
+    with pytest.raises(rewards.RewardModelUnavailable) as info:
+        rewards.load_reward("ocr")
+    assert "pip install rapidocr-onnxruntime" in str(info.value) and "\n" not in str(info.value)
+    rewards.load_reward("jpeg_compressibility")  # the other rewards never need it
 
 
 # --------------------------------------------------------------------------- custom rewards
