@@ -730,6 +730,32 @@ def test_ocr_package_missing_is_one_line_saying_what_to_install(monkeypatch):
     rewards.load_reward("jpeg_compressibility")  # the other rewards never need it
 
 
+def test_ocr_reward_takes_the_builtin_ocr_prompts_unless_files_are_given(tmp_path):
+    def sets(**flags):
+        return F.read_prompt_sets(F.Config(**flags))
+
+    assert sets(reward="ocr") == (F.BUILTIN_OCR_PROMPTS, F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert sets(reward="pickscore=1,ocr=0.5") == (F.BUILTIN_OCR_PROMPTS, F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert sets(reward="pickscore") == (F.BUILTIN_PROMPTS, F.BUILTIN_EVAL_PROMPTS)
+    assert all(rewards.ocr_target(p) for p in F.BUILTIN_OCR_PROMPTS + F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert len(set(F.BUILTIN_OCR_PROMPTS)) == 32 and len(set(F.BUILTIN_OCR_EVAL_PROMPTS)) == 8
+    assert not set(F.BUILTIN_OCR_PROMPTS) & set(F.BUILTIN_OCR_EVAL_PROMPTS)
+    (tmp_path / "train.txt").write_text('a sign that says "A"\n')
+    (tmp_path / "test.txt").write_text('a sign that says "B"\n')
+    given = sets(reward="ocr", prompts=str(tmp_path / "train.txt"), eval_prompts=str(tmp_path / "test.txt"))
+    assert given == (['a sign that says "A"'], ['a sign that says "B"'])
+    assert sets(reward="ocr", prompts=str(tmp_path / "train.txt"))[1] == F.BUILTIN_OCR_EVAL_PROMPTS
+
+
+def test_ocr_run_with_an_unquoted_prompt_stops_before_any_work(tmp_path):
+    (tmp_path / "prompts.txt").write_text('a sign that says "A"\na cat on a mat\n')
+    out = tmp_path / "out"
+    code, errors = run_cli(TINY_FLAGS + ["--reward", "ocr", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out)])
+    assert code == 2 and len(errors) == 1, errors
+    assert "'a cat on a mat'" in errors[0] and "prompts.txt" in errors[0]
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- custom rewards
 
 
