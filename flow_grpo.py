@@ -222,6 +222,32 @@ BUILTIN_EVAL_PROMPTS = [
     "an isometric illustration of a tiny island with a windmill", "a black cat sitting on a stack of old books",
 ]
 
+# For --reward ocr without prompt files: the text to render stands in double quotes (rewards.ocr_target).
+BUILTIN_OCR_PROMPTS = [
+    'a storefront sign that says "OPEN"', 'a coffee cup with the word "Monday" printed on it',
+    'a chalkboard menu that reads "Soup of the Day"', 'a neon sign glowing "Late Night" above a bar door',
+    'a birthday cake with "Happy 30th" written in icing', 'a road sign that says "STOP" at a snowy crossing',
+    'a vintage poster with the title "Moon Trip"', 'a T-shirt with the slogan "Stay Curious"',
+    'a wooden signpost pointing to "Beach" in the dunes', 'a book cover titled "The Last Orchard"',
+    'a protest banner that says "Save the Bees"', 'a cereal box with the brand name "Crunchos"',
+    'a license plate that reads "GRPO 42"', 'a street mural with the words "Hello World"',
+    'a cinema marquee showing "Now Playing"', 'a handwritten note on the fridge saying "Buy Milk"',
+    'a laptop sticker that says "Ship It"', 'a bakery window with "Fresh Bread" painted on the glass',
+    'a train station board showing "Platform 9"', 'a graduation cap decorated with "Class of 2025"',
+    'a welcome mat that says "Go Away"', 'a tin can labelled "Tomato Soup" on a shelf',
+    'a rocket with "Mars One" painted on its side', 'a pizza box with "Hot and Fresh" printed on the lid',
+    'a lighthouse with "North Point" written on its base', 'a kite shaped like a dragon with "Fly High" on its wing',
+    'a gym wall with the motto "No Excuses"', 'a vintage radio with the brand "Sonora" on its grille',
+    'a dog collar tag engraved "Biscuit"', 'a library stamp that reads "Overdue"',
+    'a sand drawing on a beach that spells "Summer"', 'a green exit sign that reads "EXIT"',
+]
+BUILTIN_OCR_EVAL_PROMPTS = [
+    'a hotel door hanger that says "Do Not Disturb"', 'a food truck with "Taco Time" on its side',
+    'a museum plaque reading "Ancient Egypt"', 'a skateboard deck with the word "Rebel"',
+    'a festival wristband printed "VIP Pass"', 'a classroom whiteboard that says "Quiz Today"',
+    'a flag waving with the word "Freedom"', 'a bottle label that reads "Olive Oil"',
+]
+
 
 def config_field(default, help):
     return field(default=default, metadata={"help": help})
@@ -492,6 +518,24 @@ def read_prompts(path: str, builtin):
     if not prompts:
         raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
     return prompts
+
+
+def read_prompt_sets(cfg: Config):
+    """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones when the
+    reward names ocr. With ocr every prompt must quote its text: checked here, before any work."""
+    import rewards
+
+    ocr = "ocr" in [item.partition("=")[0].strip() for item in cfg.reward.split(",")]
+    prompts = read_prompts(cfg.prompts, BUILTIN_OCR_PROMPTS if ocr else BUILTIN_PROMPTS)
+    eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if ocr else BUILTIN_EVAL_PROMPTS)
+    if ocr:
+        for path, chosen in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
+            for prompt in chosen:
+                try:
+                    rewards.ocr_target(prompt)
+                except ValueError as error:
+                    raise UsageError(f"{error} (in {path or 'the built-in prompts'})") from None
+    return prompts, eval_prompts
 
 
 def prompts_for_step(prompts, count: int, step: int, seed: int):
@@ -774,7 +818,7 @@ def train(cfg: Config):
     check_config(cfg, dist)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
-    prompts, eval_prompts = read_prompts(cfg.prompts, BUILTIN_PROMPTS), read_prompts(cfg.eval_prompts, BUILTIN_EVAL_PROMPTS)
+    prompts, eval_prompts = read_prompt_sets(cfg)
     check_output_folder(cfg)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it

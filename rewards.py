@@ -19,10 +19,13 @@ Built-in components (all return one float per image, higher is better):
   CLIP-L/14 image embedding (raw MLP output, roughly 1..10).
 - ``jpeg_compressibility``: -(JPEG size in kB at quality 95) / 500.
 - ``jpeg_incompressibility``: +(JPEG size in kB at quality 95) / 500.
+- ``ocr``: 1 if the prompt's double-quoted text is found in the image by OCR, else
+  1 - min(d, L) / L with d the edit distance to it and L its length (spaces removed, lower case);
+  needs ``pip install rapidocr-onnxruntime``.
 - ``module:function``: your own ``function(images, prompts) -> N floats``.
 
-Only torch and PIL are imported at module level; transformers, huggingface_hub and
-safetensors are imported when a model-based reward is loaded.
+Only torch and PIL are imported at module level; transformers, huggingface_hub,
+safetensors and rapidocr_onnxruntime are imported when a reward that needs them is loaded.
 """
 
 from __future__ import annotations
@@ -266,16 +269,38 @@ def _check_local_dir(name: str, folder: str) -> None:
         )
 
 
+def clip_processor(source: str):
+    """A CLIPProcessor whose image processor is always the PIL one.
+
+    transformers 5 loads a torchvision image processor whenever torchvision is installed (usual on GPU
+    machines) and a PIL one otherwise; their resizes differ, so the same image would score differently
+    in the tests and in a real run. PIL is what the official code ran: transformers==4.40.0 (official
+    ``setup.py``), whose CLIPImageProcessor is the PIL one, loaded by ``AutoProcessor.from_pretrained``
+    (official ``flow_grpo/pickscore_scorer.py``, ``PickScoreScorer.__init__``).
+    """
+    from transformers import AutoTokenizer, CLIPProcessor
+
+    # transformers 5 names the PIL backend CLIPImageProcessorPil; in transformers 4 CLIPImageProcessor is PIL.
+    try:
+        from transformers import CLIPImageProcessorPil as PilImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as PilImageProcessor
+
+    return CLIPProcessor(
+        image_processor=PilImageProcessor.from_pretrained(source), tokenizer=AutoTokenizer.from_pretrained(source)
+    )
+
+
 def _load_clip(name: str, model_src: str, processor_src: str, device, cache: dict):
     """Load a frozen float32 CLIPModel and its CLIPProcessor; shared within one load_reward call."""
     key = (model_src, processor_src, str(device))
     if key in cache:
         return cache[key]
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     try:
         model = CLIPModel.from_pretrained(model_src, dtype=torch.float32)
-        processor = CLIPProcessor.from_pretrained(processor_src)
+        processor = clip_processor(processor_src)
     except (OSError, ValueError) as err:  # offline/uncached -> OSError, bad id -> ValueError
         raise _unavailable(name, model_src, err) from err
     model = model.to(device).eval().requires_grad_(False)
@@ -427,6 +452,89 @@ def _build_aesthetic(device, model_dir: str | None, cache: dict) -> RewardFn:
     return score
 
 
+# --------------------------------------------------------------------------- OCR reward
+# The official OCR reward (official `flow_grpo/ocr.py`, `OcrScorer.__call__`) and where this one differs:
+# - The same rule: the target is the text between the first pair of double quotes of the prompt; the
+#   recognised lines are joined without separator in reading order (top to bottom, left to right); both
+#   lose their spaces and are lower-cased; r = 1 if the target is a substring of the recognised text,
+#   else 1 - min(edit distance, len(target)) / len(target).
+# - Engine: rapidocr-onnxruntime runs PP-OCRv4 detection and recognition (the Chinese+English models its
+#   wheel ships, so no download) through onnxruntime; the official runs PaddleOCR(lang="en",
+#   use_angle_cls=False), i.e. PaddleOCR's English models. No angle classifier in either. Both keep lines
+#   with a recognition score >= 0.5 (rapidocr's text_score, PaddleOCR's drop_score defaults).
+# - Colour order: the official passes np.array(PIL image), i.e. RGB, where PaddleOCR expects OpenCV's BGR;
+#   here the PIL image is passed and rapidocr converts it to BGR itself.
+# - A prompt without a quoted text (or with an empty one) is an error naming the prompt, not an
+#   IndexError (or a division by zero); an OCR failure is raised, where the official prints it and
+#   scores 0, because a silent 0 would train on a wrong reward.
+
+OCR_PACKAGE = "rapidocr-onnxruntime"
+
+
+def ocr_target(prompt: str) -> str:
+    """The text the image should show: what stands between the prompt's first pair of double quotes."""
+    parts = prompt.split('"')
+    if len(parts) < 3 or not parts[1].replace(" ", ""):
+        raise ValueError(
+            f"reward 'ocr': prompt {prompt!r} has no text between double quotes; "
+            'quote the text the image should show, e.g. a shop sign that says "OPEN"'
+        )
+    return parts[1]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions from a to b."""
+    previous = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, char_a in enumerate(a, 1):
+        current = [i]
+        for j, char_b in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
+        previous = current
+    return previous[-1]
+
+
+def ocr_similarity(recognized: str, target: str) -> float:
+    """r = 1 if target is in recognized, else 1 - min(d, L) / L (d edit distance, L = len(target));
+    both with spaces removed and lower-cased. The cap at L keeps r >= 0 when the OCR reads extra text."""
+    recognized = recognized.replace(" ", "").lower()
+    target = target.replace(" ", "").lower()
+    if target in recognized:
+        return 1.0
+    return 1.0 - min(edit_distance(recognized, target), len(target)) / len(target)
+
+
+class OcrReward:
+    """The OCR reward; the engine (models and onnxruntime sessions) is built once, here.
+
+    onnxruntime gets torch's thread count (so OMP_NUM_THREADS / torch.set_num_threads govern both):
+    its default of one thread per core fights torch's threads for the same cores.
+    """
+
+    def __init__(self, threads: int | None = None):
+        try:
+            from rapidocr_onnxruntime import RapidOCR
+        except ImportError:
+            raise RewardModelUnavailable(
+                f"reward 'ocr' needs the OCR package, which is not installed: pip install {OCR_PACKAGE}"
+            ) from None
+        threads = threads or torch.get_num_threads()
+        self.engine = RapidOCR(use_cls=False, intra_op_num_threads=threads, inter_op_num_threads=1)
+
+    def recognize(self, image: Image.Image) -> str:
+        """The recognised lines of one image, joined in reading order ("" when none)."""
+        lines, _ = self.engine(image.convert("RGB"), use_cls=False)
+        return "".join(line[1] for line in lines or [])
+
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        targets = [ocr_target(prompt) for prompt in prompts]  # every prompt checked before any OCR
+        scores = [ocr_similarity(self.recognize(image), target) for image, target in zip(images, targets)]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+def _build_ocr(device, model_dir, cache) -> RewardFn:
+    return OcrReward()
+
+
 def _build_jpeg_compressibility(device, model_dir, cache) -> RewardFn:
     return jpeg_compressibility
 
@@ -441,6 +549,7 @@ _BUILDERS = {
     "aesthetic": _build_aesthetic,
     "jpeg_compressibility": _build_jpeg_compressibility,
     "jpeg_incompressibility": _build_jpeg_incompressibility,
+    "ocr": _build_ocr,
 }
 
 # Rewards that need a model and therefore accept a local folder.

@@ -423,7 +423,7 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib')"
+    heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib', 'rapidocr_onnxruntime')"
     code = f"import sys, flow_grpo, toy_2d, rewards; print(any(m in sys.modules for m in {heavy}))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.abspath(rewards.__file__)), check=True)
@@ -541,6 +541,219 @@ def test_weighted_mix_is_weighted_sum(tiny_clip_dir, tiny_aesthetic_dir):
     torch.testing.assert_close(out["reward"], expected)
     for name in r.names + ["reward"]:
         assert_scores(out, name, 3)
+
+
+# --------------------------------------------------------------------------- CLIP preprocessing
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])  # OpenAI CLIP's normalisation constants
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
+
+
+def clip_pixels(image, side, crop):
+    """CLIP's preprocessing written out: bicubic resize of the shortest side to `side` (the long side to
+    int(side * long / short)), centre crop `crop` x `crop`, scale to [0, 1], normalise; [3, crop, crop]."""
+    w, h = image.size
+    size = (side, int(side * h / w)) if w <= h else (int(side * w / h), side)
+    x = np.asarray(image.convert("RGB").resize(size, Image.BICUBIC), dtype=np.float64) / 255
+    top, left = (x.shape[0] - crop) // 2, (x.shape[1] - crop) // 2
+    x = (x[top : top + crop, left : left + crop] - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(x.transpose(2, 0, 1).copy())
+
+
+@pytest.fixture
+def torchvision_believed_available(monkeypatch, tiny_clip_dir):
+    """Make transformers believe torchvision is installed, as on a GPU machine: its auto loader then takes the
+    torchvision CLIPImageProcessor. torchvision cannot run next to this CPU torch, so a stand-in plays that
+    class: another backend, other pixels (bilinear instead of bicubic)."""
+    from transformers import CLIPImageProcessorPil, CLIPProcessor
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.auto import image_processing_auto as auto
+
+    class StandInTorchvisionCLIP(CLIPImageProcessorPil):
+        def resize(self, image, size, resample=None, **kwargs):
+            return super().resize(image, size, resample=PILImageResampling.BILINEAR, **kwargs)
+
+    by_name = auto.get_image_processor_class_from_name
+    monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
+    monkeypatch.setattr(auto, "get_image_processor_class_from_name",
+                        lambda name: StandInTorchvisionCLIP if name == "CLIPImageProcessor" else by_name(name))
+    # transformers' own choice is now the "torchvision" one, as it would be on a GPU machine.
+    assert type(CLIPProcessor.from_pretrained(tiny_clip_dir).image_processor) is StandInTorchvisionCLIP
+
+
+def test_clip_preprocessing_is_pinned_to_pil_and_equals_clips_recipe(torchvision_believed_available, tmp_path):
+    from transformers import CLIPImageProcessorPil
+
+    folder = str(tmp_path / "clip_processor")
+    tokenizer = F.build_tiny_clip_tokenizer(os.path.join(folder, "_tokenizer"))
+    CLIPImageProcessorPil().save_pretrained(folder)  # CLIP-L/14's and CLIP-H's settings: 224 px, bicubic
+    tokenizer.save_pretrained(folder)
+    processor = rewards.clip_processor(folder)
+    assert type(processor.image_processor) is CLIPImageProcessorPil
+    images = [make_images(1, size=512, seed=1)[0], make_images(1, size=300, seed=2)[0].crop((0, 0, 300, 200)),
+              make_images(1, size=300, seed=3)[0].crop((0, 0, 180, 300))]  # square, wide, tall
+    got = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    expected = torch.stack([clip_pixels(image, 224, 224) for image in images]).float()
+    # uint8 resizes are identical; what is left is float32 rounding of values of size ~2
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic"])
+def test_every_clip_reward_scores_clips_recipe_pixels(name, torchvision_believed_available, tiny_clip_dir,
+                                                      tiny_aesthetic_dir):
+    from transformers import CLIPModel
+
+    folder = tiny_aesthetic_dir if name == "aesthetic" else tiny_clip_dir
+    images = make_images(seed=11)
+    out = rewards.load_reward(name, model_dirs={name: folder})(images, PROMPTS)
+    model = CLIPModel.from_pretrained(folder).eval()
+    pixels = torch.stack([clip_pixels(image, 32, 32) for image in images]).float()  # the tiny CLIPs take 32 px
+    with torch.no_grad():
+        v = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output)
+        v = v / v.norm(dim=-1, keepdim=True)
+    if name == "aesthetic":
+        mlp = rewards.AestheticMLP(in_dim=16).eval()
+        mlp.load_state_dict(rewards.load_state_dict_file(os.path.join(folder, "aesthetic_mlp.safetensors")))
+        with torch.no_grad():
+            expected = mlp(v).squeeze(1)
+    else:
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(folder)(PROMPTS, padding=True, truncation=True, max_length=77,
+                                                    return_tensors="pt")
+        with torch.no_grad():
+            t = model.text_projection(model.text_model(**tok).pooler_output)
+            t = t / t.norm(dim=-1, keepdim=True)
+            expected = model.logit_scale.exp() * (t * v).sum(-1) / (26.0 if name == "pickscore" else 30.0)
+    torch.testing.assert_close(out[name], expected, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- OCR (the real PP-OCRv4 models)
+
+
+def dejavu_font(size):
+    """DejaVu Sans, which matplotlib ships (matplotlib is in requirements.txt)."""
+    import matplotlib
+    from PIL import ImageFont
+
+    return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
+
+
+def text_image(text, size=512, font_size=72, background=(236, 228, 210), ink=(25, 25, 30)):
+    """`text` drawn large and centred on a plain background."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    font = dejavu_font(font_size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((size - right - left) / 2, (size - bottom - top) / 2), text, font=font, fill=ink)
+    return image
+
+
+@pytest.fixture(scope="module")
+def ocr_reward():
+    return rewards.load_reward("ocr")
+
+
+@pytest.mark.parametrize("a, b, distance", [
+    ("", "", 0), ("abc", "", 3), ("", "abc", 3), ("abc", "abc", 0), ("kitten", "sitting", 3),
+    ("flaw", "lawn", 2), ("intention", "execution", 5), ("ab", "ba", 2), ("helowrld", "helloworld", 2),
+])
+def test_edit_distance_hand_cases(a, b, distance):
+    assert rewards.edit_distance(a, b) == distance
+    assert rewards.edit_distance(b, a) == distance
+
+
+def test_ocr_similarity_hand_cases():
+    assert rewards.ocr_target('a sign that says "Hello World" and "more"') == "Hello World"
+    assert rewards.ocr_similarity("hello world", "Hello World") == 1.0  # spaces and case ignored
+    assert rewards.ocr_similarity("OPEN 24 HOURS", "open") == 1.0  # a substring counts as found
+    assert rewards.ocr_similarity("Helo Wrld", "Hello World") == pytest.approx(1 - 2 / 10)
+    assert rewards.ocr_similarity("", "OPEN") == 0.0
+    assert rewards.ocr_similarity("completely unrelated words", "OPEN") == 0.0  # distance capped at len
+
+
+def test_ocr_reads_the_quoted_text_and_scores_the_official_rule(ocr_reward):
+    prompt = 'a mural with the words "Hello World"'
+    engine = ocr_reward.components[0][2]
+    drawn, blank, misspelt = text_image("Hello World"), Image.new("RGB", (512, 512), "white"), text_image("Helo Wrld")
+    assert engine.recognize(drawn).replace(" ", "") == "HelloWorld"
+    assert engine.recognize(blank) == ""
+    assert engine.recognize(misspelt).replace(" ", "") == "HeloWrld"
+    out = ocr_reward([drawn, blank, misspelt], [prompt] * 3)
+    # the misspelling by hand: "helowrld" -> "helloworld" inserts an l and an o: d = 2, L = 10
+    torch.testing.assert_close(out["ocr"], torch.tensor([1.0, 0.0, 1 - 2 / 10]))
+    torch.testing.assert_close(out["reward"], out["ocr"])
+
+
+def test_ocr_prompt_without_quotes_is_an_error_naming_it(ocr_reward):
+    with pytest.raises(ValueError) as info:
+        ocr_reward([text_image("OPEN")], ["a shop sign that says OPEN"])
+    assert "'a shop sign that says OPEN'" in str(info.value) and "double quotes" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_ocr_engine_built_once_and_batch_of_8_timed(monkeypatch):
+    import time
+
+    import rapidocr_onnxruntime
+
+    built = []
+
+    class Counted(rapidocr_onnxruntime.RapidOCR):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rapidocr_onnxruntime, "RapidOCR", Counted)
+    reward = rewards.load_reward("ocr")
+    words = ["OPEN", "Monday", "Late Night", "STOP", "Moon Trip", "Ship It", "Beach", "EXIT"]
+    images = [text_image(word, font_size=60 + 4 * i) for i, word in enumerate(words)]
+    prompts = [f'a sign that says "{word}"' for word in words]
+    reward(images[:1], prompts[:1])  # warm-up
+    started = time.perf_counter()
+    out = reward(images, prompts)
+    seconds = time.perf_counter() - started
+    print(f"\nOCR reward: 8 images of 512x512 in {seconds:.2f} s on {torch.get_num_threads()} thread(s)")
+    assert len(built) == 1 and built[0]["intra_op_num_threads"] == torch.get_num_threads()
+    torch.testing.assert_close(out["ocr"], torch.ones(8))
+
+
+def test_ocr_package_missing_is_one_line_saying_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # import now raises ImportError
+    with pytest.raises(rewards.RewardModelUnavailable) as info:
+        rewards.load_reward("ocr")
+    assert "pip install rapidocr-onnxruntime" in str(info.value) and "\n" not in str(info.value)
+    rewards.load_reward("jpeg_compressibility")  # the other rewards never need it
+
+
+def test_ocr_reward_takes_the_builtin_ocr_prompts_unless_files_are_given(tmp_path):
+    def sets(**flags):
+        return F.read_prompt_sets(F.Config(**flags))
+
+    assert sets(reward="ocr") == (F.BUILTIN_OCR_PROMPTS, F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert sets(reward="pickscore=1,ocr=0.5") == (F.BUILTIN_OCR_PROMPTS, F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert sets(reward="pickscore") == (F.BUILTIN_PROMPTS, F.BUILTIN_EVAL_PROMPTS)
+    assert all(rewards.ocr_target(p) for p in F.BUILTIN_OCR_PROMPTS + F.BUILTIN_OCR_EVAL_PROMPTS)
+    assert len(set(F.BUILTIN_OCR_PROMPTS)) == 32 and len(set(F.BUILTIN_OCR_EVAL_PROMPTS)) == 8
+    assert not set(F.BUILTIN_OCR_PROMPTS) & set(F.BUILTIN_OCR_EVAL_PROMPTS)
+    (tmp_path / "train.txt").write_text('a sign that says "A"\n')
+    (tmp_path / "test.txt").write_text('a sign that says "B"\n')
+    given = sets(reward="ocr", prompts=str(tmp_path / "train.txt"), eval_prompts=str(tmp_path / "test.txt"))
+    assert given == (['a sign that says "A"'], ['a sign that says "B"'])
+    assert sets(reward="ocr", prompts=str(tmp_path / "train.txt"))[1] == F.BUILTIN_OCR_EVAL_PROMPTS
+
+
+def test_ocr_run_with_an_unquoted_prompt_stops_before_any_work(tmp_path):
+    (tmp_path / "prompts.txt").write_text('a sign that says "A"\na cat on a mat\n')
+    out = tmp_path / "out"
+    code, errors = run_cli(TINY_FLAGS + ["--reward", "ocr", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out)])
+    assert code == 2 and len(errors) == 1, errors
+    assert "'a cat on a mat'" in errors[0] and "prompts.txt" in errors[0]
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------- custom rewards
