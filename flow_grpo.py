@@ -319,26 +319,41 @@ def parse_config(argv=None) -> Config:
 
 
 class UsageError(Exception):
-    """Bad input: reported as one line and exit status 2, never a traceback."""
+    """Bad input: reported as one line and exit status 2, never a traceback. every_rank: every process
+    sees the same flags, files and models, so under torchrun rank 0 alone reports it; False where
+    only this process's own data shows it (a reward on its own images)."""
+
+    def __init__(self, message, every_rank: bool = True):
+        super().__init__(message)
+        self.every_rank = every_rank
+
+
+def resolve_model(model: str) -> str:
+    """The hub id or local folder that --model names, checked without loading anything."""
+    import os
+
+    if model == "tiny":
+        return model
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+            raise UsageError(f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)")
+        return model
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]
+    if model.count("/") != 1:
+        raise UsageError(f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a local folder")
+    return model
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
     """SD3 pipeline from an alias, a hub id, a local diffusers folder or 'tiny'."""
-    import os
-
     if model == "tiny":
         pipe = build_tiny_pipeline()
         return pipe if dtype == torch.float32 else pipe.to(dtype)
     from diffusers import StableDiffusion3Pipeline
 
-    if os.path.isdir(model):
-        index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
-            raise UsageError(f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)")
-    elif model in MODEL_ALIASES:
-        model = MODEL_ALIASES[model]
-    elif model.count("/") != 1:
-        raise UsageError(f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a local folder")
+    model = resolve_model(model)
     try:
         return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:
@@ -714,7 +729,69 @@ def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm
     return outcome
 
 
+def check_flags(cfg: Config):
+    """Every flag, before a model is loaded or anything is written to --out: a value that would crash
+    the run after its first evaluation, or silently train nothing, stops here with one line saying
+    what to use. (The geometry of groups and batches, the sampler and the dtype: check_config.)"""
+    import rewards
+
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        kind = {"int": int, "float": float, "str": str, "bool": bool}.get(f.type) if isinstance(f.type, str) else f.type
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UsageError(f"{flag(f.name)} {value!r}: use a number")
+            if not math.isfinite(value):
+                raise UsageError(f"{flag(f.name)} {value}: use a finite number")
+        elif not isinstance(value, kind):
+            raise UsageError(f"{flag(f.name)} {value!r}: use a value of type {kind.__name__}")
+
+    def need(ok, name, advice):
+        if not ok:
+            value = getattr(cfg, name)
+            raise UsageError(f"{flag(name)} {repr(value) if isinstance(value, str) else value}: {advice}")
+
+    resolve_model(cfg.model)
+    need(cfg.out.strip(), "out", "name an output folder, e.g. runs/flow_grpo")
+    need(0 <= cfg.seed < 2**32, "seed", "use 0 to 4294967295")
+    need(cfg.resolution > 0, "resolution", "use a positive image side in pixels (512 for SD3.5-M)")
+    need(cfg.num_steps >= 1, "num_steps", "use 1 or more denoising steps (10 is the official)")
+    need(cfg.eval_num_steps >= 1, "eval_num_steps", "use 1 or more denoising steps (40 is the official)")
+    need(cfg.guidance_scale >= 1, "guidance_scale", "use 1 (no CFG) or more (4.5 is the official)")
+    need(cfg.groups_per_step >= 1, "groups_per_step", "use 1 or more prompts per step")
+    need(cfg.batch_size >= 1, "batch_size", "use 1 or more images per forward pass")
+    need(cfg.updates_per_step >= 1, "updates_per_step", "use 1 or more optimizer steps per step (2 is the official)")
+    need(cfg.clip_range > 0, "clip_range", "use a positive clip range (1e-4 is the official)")
+    need(cfg.adv_clip > 0, "adv_clip", "use a positive advantage clip (5 is the official)")
+    need(cfg.beta >= 0, "beta", "use 0 (no KL) or a positive KL weight (0.01 is the official for PickScore)")
+    need(0 < cfg.train_fraction <= 1, "train_fraction", "use a fraction in (0, 1] (0.99: every step but the last)")
+    if not cfg.sde_window:  # Flow-GRPO-Fast trains its window, whatever the fraction
+        need(int(cfg.num_steps * cfg.train_fraction) >= 1, "train_fraction",
+             f"of --num-steps {cfg.num_steps} is no step to train: raise either")
+    need(cfg.lr > 0, "lr", "use a positive learning rate (3e-4 is the official)")
+    need(cfg.weight_decay >= 0, "weight_decay", "use 0 or a positive weight decay (1e-4 is the official)")
+    need(cfg.max_grad_norm > 0, "max_grad_norm", "use a positive gradient-norm clip (1.0 is the official)")
+    need(cfg.lora_rank >= 1, "lora_rank", "use a rank of 1 or more (32 is the official)")
+    need(cfg.lora_alpha > 0, "lora_alpha", "use a positive alpha (64 is the official)")
+    need(cfg.ema_every >= 1, "ema_every", "use 1 or more optimizer steps between EMA updates (8 is the official)")
+    need(cfg.max_steps >= 1, "max_steps", "use 1 or more steps")
+    need(cfg.eval_every >= 1, "eval_every", "use 1 or more steps between evaluations")
+    need(cfg.save_every >= 1, "save_every", "use 1 or more steps between checkpoints")
+    need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "keep 1 or more (the newest is what --resume needs)")
+    try:
+        weights = [weight for _, weight in rewards.parse_reward_spec(cfg.reward)]
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    need(any(weights), "reward", "every weight is 0, so every advantage is 0 and nothing trains: give a nonzero weight")
+    unknown = [name for name in reward_model_dirs(cfg.reward_model_dir) if name not in rewards.MODEL_REWARDS]
+    need(not unknown, "reward_model_dir", f"only {', '.join(rewards.MODEL_REWARDS)} load a model from a folder")
+
+
 def check_config(cfg: Config, dist: Distributed):
+    check_flags(cfg)
     if cfg.group_size < 2:
         raise UsageError(f"--group-size {cfg.group_size}: GRPO compares samples of a prompt, a group needs at least 2")
     images = cfg.groups_per_step * cfg.group_size
@@ -754,7 +831,7 @@ def score(reward_fn, images, prompts):
     try:
         return reward_fn(images, prompts)
     except ValueError as error:  # e.g. a custom reward that returned the wrong shape or non-finite values
-        raise UsageError(str(error)) from None
+        raise UsageError(str(error), every_rank=False) from None
 
 
 def save_image_grid(images, prompts, path, columns=4):
@@ -805,6 +882,53 @@ def latent_shape(pipe, cfg: Config):
     return (pipe.transformer.config.in_channels, cfg.resolution // scale, cfg.resolution // scale)
 
 
+_FOLDER_LOCKS = {}  # real path of an --out this process runs in -> descriptor holding its lock
+
+
+def lock_output_folder(out: str):
+    """An exclusive flock on the --out folder itself (no lock file is written), held for the run, so a
+    second run on the same folder is refused instead of writing into it. The kernel drops the lock when
+    the process ends, however it ends: a killed run never leaves a stale lock behind."""
+    import os
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    fd = os.open(os.path.realpath(out), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(
+            f"{out} is in use by another run (it holds the folder's lock): wait for it to end, or choose another --out"
+        ) from None
+    except OSError as error:  # a file system without flock
+        os.close(fd)
+        print(f"warning: cannot lock {out} ({error.strerror}): nothing stops a second run writing into it", flush=True)
+        return
+    _FOLDER_LOCKS[os.path.realpath(out)] = fd
+
+
+def holding_the_output_lock(train_fn):
+    """Release --out's lock when train() ends, also by an exception, so that a later run in the same
+    process (a notebook, the tests) can take the folder."""
+    import functools
+    import os
+
+    @functools.wraps(train_fn)
+    def run(cfg, *args, **kwargs):
+        try:
+            return train_fn(cfg, *args, **kwargs)
+        finally:
+            fd = _FOLDER_LOCKS.pop(os.path.realpath(cfg.out), None)
+            if fd is not None:
+                os.close(fd)
+
+    return run
+
+
+@holding_the_output_lock
 def train(cfg: Config):
     """Flow-GRPO (paper Algorithm 1): sample groups with the SDE, score them, compute group-relative
     advantages, and take clipped policy-gradient steps with a KL to the frozen model."""
@@ -819,7 +943,7 @@ def train(cfg: Config):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
     prompts, eval_prompts = read_prompt_sets(cfg)
-    check_output_folder(cfg)
+    check_output_folder(cfg, lock=dist.main)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     try:
@@ -842,8 +966,8 @@ def train(cfg: Config):
     ema_params = [p.detach().clone() for p in params]
     step_fn = sde_step if cfg.sde_type == "sde" else cps_step
     start_step, optimizer_step = 0, 0
-    if cfg.resume and latest_checkpoint(cfg.out):
-        start_step, optimizer_step = load_checkpoint(latest_checkpoint(cfg.out), params, ema_params, optimizer)
+    if cfg.resume:
+        start_step, optimizer_step = resume_checkpoint(cfg.out, params, ema_params, optimizer, warn=dist.main)
     if dist.main:
         write_run_files(cfg, start_step)
 
@@ -970,7 +1094,7 @@ def train(cfg: Config):
             print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer)
+                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config)
     if dist.main:
         with swap_in(params, ema_params if cfg.ema else params):
             save_lora(transformer, lora_config, f"{cfg.out}/lora")
@@ -1005,27 +1129,16 @@ class TrainingDiverged(Exception):
     """Too many non-finite updates in a row: stop rather than train on garbage."""
 
 
-RESUMABLE_CHANGES = {"resume", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
+# out: the folder may have been moved or named by another path since.
+RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
 
 
-def check_output_folder(cfg: Config):
+def check_output_folder(cfg: Config, lock: bool = True):
     """Never overwrite a run; resume only a run with the same config; fail before any work if the
-    folder cannot be written."""
+    folder cannot be written or another run holds it (lock: rank 0 alone takes the folder's lock)."""
     import json
     import os
 
-    config_path = f"{cfg.out}/config.json"
-    if os.path.exists(config_path) and not cfg.resume:
-        raise UsageError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
-    if cfg.resume:
-        if not os.path.exists(config_path):
-            raise UsageError(f"--resume: {cfg.out} holds no run (no config.json): drop --resume to start one")
-        with open(config_path) as f:
-            saved = json.load(f)
-        differ = [k for k, v in vars(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
-        if differ:
-            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in differ)
-            raise UsageError(f"--resume: {cfg.out} holds a run with a different config ({detail}): use the same flags or another --out")
     try:
         os.makedirs(cfg.out, exist_ok=True)
         probe = f"{cfg.out}/.write_test_{os.getpid()}"
@@ -1033,6 +1146,36 @@ def check_output_folder(cfg: Config):
         os.remove(probe)
     except OSError as error:
         raise UsageError(f"cannot write to output folder {cfg.out}: {error.strerror}") from None
+    if lock:  # before looking at the folder: two runs started together cannot both find it free
+        lock_output_folder(cfg.out)
+    config_path = f"{cfg.out}/config.json"
+    if os.path.exists(config_path) and finished_a_step(cfg.out):
+        if not cfg.resume:
+            raise UsageError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose another --out")
+        with open(config_path) as f:
+            saved = json.load(f)
+        differ = [k for k, v in vars(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        if differ:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in differ)
+            raise UsageError(
+                f"--resume: {cfg.out} holds a run with a different config ({detail}): "
+                "use the same flags or another --out"
+            )
+    elif cfg.resume and not os.path.exists(config_path):
+        raise UsageError(f"--resume: {cfg.out} holds no run (no config.json): drop --resume to start one")
+    # Otherwise the folder is new, or holds a run that failed before it finished a step: that starts
+    # again from step 0, with or without --resume, and its config.json is replaced.
+
+
+def finished_a_step(out: str) -> bool:
+    """Whether the run in out finished a step (a line in metrics.jsonl, or a checkpoint). config.json is
+    written before the first evaluation, so a run that failed before its first step (a reward that
+    raised, an out-of-memory, Ctrl-C) leaves one; it has nothing worth keeping or resuming, and must
+    not make the corrected command refuse to start."""
+    import os
+
+    metrics = f"{out}/metrics.jsonl"
+    return (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or latest_checkpoint(out) is not None
 
 
 def write_run_files(cfg: Config, start_step: int):
@@ -1059,8 +1202,11 @@ def latest_checkpoint(out: str):
     return found[-1] if found else None
 
 
-def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer):
-    """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint."""
+def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer, transformer,
+                    lora_config):
+    """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint. It also
+    holds the (EMA) LoRA in diffusers' format, as lora/ at the end of a run, so the weights of a run
+    that died are usable with load_lora_weights(CHECKPOINT) without resuming it."""
     import json
     import os
     import shutil
@@ -1073,6 +1219,8 @@ def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_par
     os.makedirs(tmp)
     save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}, f"{tmp}/lora.safetensors")
     save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_params)}, f"{tmp}/ema.safetensors")
+    with swap_in(params, ema_params if cfg.ema else params):
+        save_lora(transformer, lora_config, tmp)
     torch.save(optimizer.state_dict(), f"{tmp}/optimizer.pt")
     # All sampling noise comes from generators seeded by (seed, step, rank), so the step restores it;
     # the global states are kept for anything else that draws from them.
@@ -1086,24 +1234,80 @@ def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_par
             shutil.rmtree(f"{cfg.out}/checkpoints/{old}")
 
 
-def load_checkpoint(folder: str, params, ema_params, optimizer):
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that cannot be read back (truncated by a full disk, garbage, missing)."""
+
+
+def read_checkpoint(folder: str) -> dict:
+    """Every file of a checkpoint read in full, so that damage shows here, before anything is restored."""
     import json
 
     from safetensors.torch import load_file
 
-    for target, name in ((params, "lora"), (ema_params, "ema")):
-        values = load_file(f"{folder}/{name}.safetensors")
+    def read_json(path):
+        with open(path) as f:
+            return json.load(f)
+
+    readers = {
+        "lora.safetensors": load_file, "ema.safetensors": load_file,
+        "optimizer.pt": lambda path: torch.load(path, weights_only=True),
+        "rng.pt": lambda path: torch.load(path, weights_only=True), "state.json": read_json,
+    }
+    saved = {}
+    for name, read in readers.items():
+        try:
+            saved[name] = read(f"{folder}/{name}")
+        except Exception as error:  # noqa: BLE001 (safetensors, pickle, zip, json, OS errors alike mean: damaged)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0][:100]
+            raise DamagedCheckpoint(f"{folder}/{name} ({reason})") from None
+    return saved
+
+
+def load_checkpoint(folder: str, params, ema_params, optimizer):
+    """Restore a checkpoint; a damaged one raises DamagedCheckpoint and changes nothing."""
+    saved = read_checkpoint(folder)
+    for target, name in ((params, "lora.safetensors"), (ema_params, "ema.safetensors")):
+        values = saved[name]
+        shapes = {k: v.shape for k, v in values.items()}
+        if shapes != {str(i): p.shape for i, p in enumerate(target)}:
+            raise DamagedCheckpoint(f"{folder}/{name} (does not hold this run's LoRA tensors)")
+    try:
+        optimizer.load_state_dict(saved["optimizer.pt"])
+        step, optimizer_step = saved["state.json"]["step"], saved["state.json"]["optimizer_step"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedCheckpoint(f"{folder} ({type(error).__name__}: {str(error)[:100]})") from None
+    for target, name in ((params, "lora.safetensors"), (ema_params, "ema.safetensors")):
         with torch.no_grad():
             for i, p in enumerate(target):
-                p.copy_(values[str(i)])
-    optimizer.load_state_dict(torch.load(f"{folder}/optimizer.pt", weights_only=True))
-    rng = torch.load(f"{folder}/rng.pt", weights_only=True)
+                p.copy_(saved[name][str(i)])
+    rng = saved["rng.pt"]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    with open(f"{folder}/state.json") as f:
-        state = json.load(f)
-    return state["step"], state["optimizer_step"]
+    return step, optimizer_step
+
+
+def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True):
+    """Restore the newest intact checkpoint of out and return its (step, optimizer_step), (0, 0) if it
+    has none. A damaged newer one (a full disk, a copy cut short) is skipped with a one-line warning;
+    if every one is damaged the run stops with one line rather than silently start again."""
+    import glob
+
+    damaged = []
+    for folder in sorted(glob.glob(f"{out}/checkpoints/step_*"), reverse=True):
+        try:
+            steps = load_checkpoint(folder, params, ema_params, optimizer)
+        except DamagedCheckpoint as error:
+            damaged.append(str(error))
+            continue
+        if damaged and warn:
+            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+            print(f"warning: damaged checkpoint {damaged[0]}{more} skipped: resuming from {folder}", flush=True)
+        return steps
+    if damaged:
+        raise UsageError(f"--resume: every checkpoint in {out}/checkpoints is damaged (the newest: {damaged[0]}): "
+                         f"move them away to start again from step 0")
+    return 0, 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1203,18 +1407,64 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def main(argv=None):
+def rerun_command(argv=None, resume: bool = True) -> str:
+    """The command line of this run as it was launched, with --resume (or without it)."""
+    import os
+    import shlex
     import sys
 
-    cfg = parse_config(argv)
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--no-resume")]
+    args += ["--resume"] if resume else []
+    if "RANK" in os.environ:  # a torchrun worker: its own command line is not the one typed
+        local, world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), int(os.environ["WORLD_SIZE"])
+        nodes = ["--standalone"] if local == world else [f"--nnodes={world // local}", "YOUR-RENDEZVOUS-FLAGS"]
+        launcher = ["torchrun", *nodes, f"--nproc_per_node={local}", sys.argv[0]]
+    elif argv is None:  # the interpreter, its options and the script (or -m module) as typed
+        launcher = sys.orig_argv[: len(sys.orig_argv) - len(sys.argv) + 1]
+    else:
+        launcher = [sys.executable, os.path.abspath(__file__)]
+    return shlex.join(launcher + args)
+
+
+def interrupted_message(cfg: Config, argv=None) -> str:
+    """One line after Ctrl-C: the last checkpoint, and the command that continues from it."""
+    import os
+
+    command = rerun_command(argv)
+    checkpoint = latest_checkpoint(cfg.out)
+    if checkpoint:
+        step = int(os.path.basename(checkpoint).removeprefix("step_"))
+        return f"interrupted: the last checkpoint is {checkpoint} (step {step}); continue with: {command}"
+    if os.path.exists(f"{cfg.out}/config.json"):
+        return (f"interrupted before the first checkpoint (every --save-every {cfg.save_every} steps): "
+                f"{command} starts again from step 0")
+    return f"interrupted before the run started, nothing to resume; start it again: {rerun_command(argv, resume=False)}"
+
+
+def main(argv=None):
+    import contextlib
+    import io
+    import os
+    import sys
+
+    # Under torchrun every process meets the same bad flag: rank 0 alone says it.
+    rank = int(os.environ.get("RANK", "0"))
+    with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():
+        cfg = parse_config(argv)
     try:
         train(cfg)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0 or not error.every_rank:
+            print(f"error: {error}" if rank == 0 else f"error (rank {rank}): {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank == 0:  # the gradients are averaged: every rank diverges alike
+            print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(interrupted_message(cfg, argv), file=sys.stderr, flush=True)
+        sys.exit(130)  # the shell's code for a SIGINT
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -1308,23 +1309,96 @@ def bad_input_cases(tmp_path):
         "custom reward shape": (["--reward", "bad_rewards_mod:wrong_shape"], "bad_rewards_mod:wrong_shape", "shape"),
         "custom reward NaN": (["--reward", "bad_rewards_mod:not_finite"], "bad_rewards_mod:not_finite", "non-finite"),
         "unwritable output": (["--out", str(tmp_path / "a_file" / "run")], "cannot write to output folder", None),
+        "resolution not a multiple": (["--resolution", "36"], "this model takes multiples of 8 up to 128 px", None),
+        **FLAG_CASES,
     }
+
+
+# One bad value of each flag (TINY_FLAGS: --num-steps 4, --group-size 4), each refused before any work.
+FLAG_CASES = {
+    "eval every 0": (["--eval-every", "0"], "--eval-every 0: use 1 or more", None),
+    "save every 0": (["--save-every", "0"], "--save-every 0: use 1 or more", None),
+    "updates per step 0": (["--updates-per-step", "0"], "--updates-per-step 0: use 1 or more", None),
+    "ema every 0": (["--ema-every", "0"], "--ema-every 0: use 1 or more", None),
+    "lora rank 0": (["--lora-rank", "0"], "--lora-rank 0: use a rank of 1 or more", None),
+    "lora alpha 0": (["--lora-alpha", "0"], "--lora-alpha 0: use a positive alpha", None),
+    "keep no checkpoint": (["--keep-checkpoints", "0"], "--keep-checkpoints 0: keep 1 or more", None),
+    "train fraction 0": (["--train-fraction", "0"], "--train-fraction 0.0: use a fraction in (0, 1]", None),
+    "train fraction above 1": (["--train-fraction", "1.5"], "--train-fraction 1.5: use a fraction in (0, 1]", None),
+    "fraction of no step": (["--train-fraction", "0.2"], "--train-fraction 0.2: of --num-steps 4 is no step", None),
+    "no rollout step": (["--num-steps", "0"], "--num-steps 0: use 1 or more", None),
+    "no eval step": (["--eval-num-steps", "0"], "--eval-num-steps 0: use 1 or more", None),
+    "no step": (["--max-steps", "0"], "--max-steps 0: use 1 or more", None),
+    "guidance below 1": (["--guidance-scale", "0.5"], "--guidance-scale 0.5: use 1 (no CFG) or more", None),
+    "negative beta": (["--beta", "-0.1"], "--beta -0.1: use 0 (no KL) or a positive", None),
+    "clip range 0": (["--clip-range", "0"], "--clip-range 0.0: use a positive clip range", None),
+    "advantage clip 0": (["--adv-clip", "0"], "--adv-clip 0.0: use a positive", None),
+    "learning rate 0": (["--lr", "0"], "--lr 0.0: use a positive learning rate", None),
+    "learning rate NaN": (["--lr", "nan"], "--lr nan: use a finite number", None),
+    "negative weight decay": (["--weight-decay", "-1"], "--weight-decay -1.0: use 0 or a positive", None),
+    "grad norm 0": (["--max-grad-norm", "0"], "--max-grad-norm 0.0: use a positive", None),
+    "resolution 0": (["--resolution", "0"], "--resolution 0: use a positive image side", None),
+    "negative seed": (["--seed", "-1"], "--seed -1: use 0 to 4294967295", None),
+    "no prompt per step": (["--groups-per-step", "0"], "--groups-per-step 0: use 1 or more", None),
+    "empty batch": (["--batch-size", "0"], "--batch-size 0: use 1 or more", None),
+    "no output folder": (["--out", ""], "--out '': name an output folder", None),
+    "reward weights all 0": (["--reward", "jpeg_compressibility=0"], "every weight is 0", None),
+    "reward folder for no model": (["--reward-model-dir", "jpeg_compressibility=x"], "only pickscore, clipscore", None),
+    "reward folder without name": (["--reward-model-dir", "pickscore"], "write NAME=FOLDER", None),
+    "unknown sampler": (["--sde-type", "ode"], "--sde-type ode: use sde or cps", None),
+    "noise level too high": (["--noise-level", "2"], "--noise-level 2.0: use (0, 1.5]", None),
+    "window past half": (["--sde-window", "3"], "--sde-window 3: use 0 (all steps) or 1..2", None),
+    "unknown dtype": (["--dtype", "fp8"], "--dtype fp8: use auto, fp32, bf16 or fp16", None),
+}
+# Found only by loading the model or running it (a reward's output): still one line, nothing lost.
+LATE_CASES = {"hub out of reach", "custom reward shape", "custom reward NaN", "resolution not a multiple"}
 
 
 @pytest.mark.parametrize("case", [
     "unknown alias", "hub out of reach", "not an SD3 folder", "missing prompt file", "unreadable prompt file",
-    "empty prompt file", "group of one", "images not whole batches", "more updates than batches", "unknown reward", "malformed weight",
-    "custom reward shape", "custom reward NaN", "unwritable output",
+    "empty prompt file", "group of one", "images not whole batches", "more updates than batches", "unknown reward",
+    "malformed weight", "custom reward shape", "custom reward NaN", "unwritable output", "resolution not a multiple",
+    *FLAG_CASES,
 ])
-def test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, bad_rewards):
+def test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, bad_rewards, monkeypatch):
     args, phrase, also = bad_input_cases(tmp_path)[case]
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    if case not in LATE_CASES:  # refused before any model is loaded
+        def load(*args, **kwargs):
+            raise AssertionError(f"{case}: a model was loaded before the bad input was refused")
+
+        monkeypatch.setattr(F, "load_pipeline", load)
+        monkeypatch.setattr(rewards, "load_reward", load)
     code, errors = run_cli(TINY_FLAGS + ["--max-steps", "1", "--out", str(out)] + args)
     assert code == 2 and len(errors) == 1, errors
     assert phrase in errors[0] and (also is None or also in errors[0]), errors[0]
     assert (out / "notes.txt").read_text() == "mine"
+    if case not in LATE_CASES:  # and before anything is written
+        assert os.listdir(out) == ["notes.txt"]
+
+
+def test_every_flag_has_a_bad_input_case(tmp_path):
+    tried = {arg for args, _, _ in bad_input_cases(tmp_path).values() for arg in args if arg.startswith("--")}
+    flags = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(F.Config) if f.type not in (bool, "bool")}
+    assert flags <= tried, flags - tried
+    # On/off flags cannot be wrong on the command line; from Python, a value of another type can.
+    with pytest.raises(F.UsageError, match="--ema 'no': use a value of type bool"):
+        F.check_flags(dataclasses.replace(F.Config(), ema="no"))
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_corrected_command(tmp_path, bad_rewards):
+    out = tmp_path / "out"
+    flags = TINY_FLAGS + ["--max-steps", "1", "--out", str(out)]
+    assert run_cli(flags + ["--reward", "bad_rewards_mod:not_finite"])[0] == 2  # fails in the first evaluation
+    assert os.path.exists(out / "config.json") and not F.finished_a_step(str(out))
+    # With --resume too (a requeued job): nothing was recorded, so nothing is compared; it starts at step 0.
+    F.check_output_folder(tiny_config(out, resume=True, lr=0.5), lock=False)
+    assert run_cli(flags)[0] == 0
+    assert json.loads((out / "config.json").read_text())["reward"] == "jpeg_compressibility"
+    assert [r["step"] for r in read_metrics(out)] == [1]
+    assert "already holds a run" in run_cli(flags)[1][0]  # a run that finished a step still does block
 
 
 def test_resume_with_a_different_config_names_the_fields(tmp_path):
@@ -1337,6 +1411,114 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
     assert code == 2 and "group_size: 4 -> 8" in errors[0] and "lr: 0.01 -> 0.5" in errors[0]
     assert open(f"{out}/metrics.jsonl").read() == before
     assert os.path.exists(f"{out}/lora/pytorch_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory):
+    """A 2-step run with a checkpoint after each step."""
+    folder = tmp_path_factory.mktemp("checkpointed") / "out"
+    return F.train(tiny_config(folder, max_steps=2, save_every=1)), folder
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else bytes(torch.randint(256, (len(data),)).tolist()))
+
+
+@pytest.mark.parametrize("name, how", [("lora.safetensors", "truncated"), ("optimizer.pt", "garbage")])
+def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(checkpointed, tmp_path, capsys, name, how):
+    from safetensors.torch import load_file
+
+    whole = checkpointed[1]
+    out = tmp_path / "moved"  # a run folder that was moved still resumes
+    shutil.copytree(whole, out)
+    damage(out / "checkpoints" / "step_000002" / name, how)
+    capsys.readouterr()
+    F.main(TINY_FLAGS + ["--max-steps", "2", "--save-every", "1", "--out", str(out), "--resume"])
+    (warning,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning")]
+    assert warning.startswith(f"warning: damaged checkpoint {out}/checkpoints/step_000002/{name} (")
+    assert warning.endswith(f") skipped: resuming from {out}/checkpoints/step_000001")
+    # Step 2 redone from step 1's checkpoint: the same weights as the run that was never damaged.
+    redone = load_file(out / "lora" / "pytorch_lora_weights.safetensors")
+    original = load_file(whole / "lora" / "pytorch_lora_weights.safetensors")
+    assert redone.keys() == original.keys() and all(torch.equal(redone[k], original[k]) for k in redone)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_resume_with_every_checkpoint_damaged_stops_with_one_line(checkpointed, tmp_path):
+    whole = checkpointed[1]
+    out = tmp_path / "out"
+    shutil.copytree(whole, out)
+    damage(out / "checkpoints" / "step_000002" / "ema.safetensors", "garbage")
+    damage(out / "checkpoints" / "step_000001" / "lora.safetensors", "truncated")
+    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--save-every", "1", "--out", str(out), "--resume"])
+    assert code == 2 and len(errors) == 1
+    assert errors[0].startswith(f"error: --resume: every checkpoint in {out}/checkpoints is damaged "
+                                f"(the newest: {out}/checkpoints/step_000002/ema.safetensors (")
+
+
+def test_each_checkpoint_holds_the_ema_lora_loadable_by_diffusers(checkpointed):
+    from safetensors.torch import load_file
+
+    folder = checkpointed[1]
+    checkpoint = folder / "checkpoints" / "step_000001"
+    ema, raw = load_file(checkpoint / "ema.safetensors"), load_file(checkpoint / "lora.safetensors")
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # step 1's EMA is not its raw LoRA
+    # Our LoRA model with step 1's EMA, and a fresh pipeline with the checkpoint's diffusers LoRA.
+    ours, _ = F.add_lora(F.build_tiny_pipeline().transformer, tiny_config(folder))
+    names = [n for n, p in ours.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        for i, p in enumerate(F.lora_parameters(ours)):
+            p.copy_(ema[str(i)])
+    pipe = F.build_tiny_pipeline()
+    pipe.load_lora_weights(str(checkpoint), weight_name="pytorch_lora_weights.safetensors")
+    loaded = {n: p for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(names)
+    for i, name in enumerate(names):
+        diffusers_name = name.removeprefix("base_model.model.").replace(".default.", ".default_0.")
+        assert torch.equal(loaded[diffusers_name], ema[str(i)])
+    # and with the right scale alpha / r: the same samples.
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
+    theirs = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=32,
+                  width=32, output_type="latent", max_sequence_length=128).images
+    text = F.encode_prompts(pipe, ["a cat"], 1, 4.5, "cpu")
+    sigmas, timesteps = F.schedule(pipe, 4, "cpu")
+    torch.testing.assert_close(theirs, F.sample(ours, text, latents, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_run_on_the_folder_is_refused_and_ctrl_c_prints_how_to_continue(tmp_path):
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    flags = TINY_FLAGS + ["--max-steps", "1000", "--save-every", "1", "--out", str(out)]
+    with open(tmp_path / "stderr.txt", "w") as stderr:  # a file, not a pipe: progress bars never block the run
+        proc = subprocess.Popen([sys.executable, F.__file__, *flags], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        deadline = time.time() + 120
+        while not (out / "checkpoints" / "step_000001").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        # The same command with --resume would be accepted, but for the running process's lock.
+        code, errors = run_cli(flags + ["--resume", "--max-steps", "1"])  # quick, were it wrongly let in
+        refusal = f"error: {out} is in use by another run (it holds the folder's lock): wait for it to end"
+        assert code == 2 and len(errors) == 1 and errors[0].startswith(refusal)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    printed = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in printed
+    (line,) = [line for line in printed.splitlines() if line.startswith("interrupted")]
+    checkpoint = F.latest_checkpoint(str(out))
+    step = int(checkpoint[-6:])
+    message, command = line.split("; continue with: ")
+    assert message == f"interrupted: the last checkpoint is {checkpoint} (step {step})"
+    assert shlex.split(command) == [sys.executable, F.__file__, *flags, "--resume"]
+    # The lock went with the process: the printed command continues the run (for one more step here).
+    assert run_cli(shlex.split(command)[2:] + ["--max-steps", str(step + 1)])[0] == 0
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 2))
 
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -1432,6 +1614,26 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     for r1, r2 in zip(read_metrics(tmp_path / "single"), read_metrics(out)):  # rank 0 alone wrote the run's files
         assert r2["step"] == r1["step"] and r2["first_ratio_error"] == r1["first_ratio_error"] == 0.0
         assert r2["reward_mean"] == r1["reward_mean"] and r2["reward_std"] == r1["reward_std"]
+
+
+def test_torchrun_prints_a_usage_error_once(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
+    out = tmp_path / "run"
+    command = [torchrun, "--standalone", "--nproc_per_node=2", F.__file__, *TINY_FLAGS, "--eval-every", "0",
+               "--out", str(out)]
+    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=300, check=False)
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "--eval-every 0" in line]
+    assert result.returncode != 0 and said == ["error: --eval-every 0: use 1 or more steps between evaluations"]
+    assert not out.exists()
+    # argparse's own errors too: only rank 0 prints them.
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit):
+            F.main(["--lr", "fast"])
+        assert ("invalid float value: 'fast'" in capsys.readouterr().err) == printed
 
 
 def test_prompt_stream_visits_every_prompt_once_per_pass_and_is_a_function_of_the_step():
