@@ -963,11 +963,12 @@ def train(cfg: Config):
     transformer, lora_config = add_lora(pipe.transformer, cfg)
     params = lora_parameters(transformer)
     optimizer = make_optimizer(params, cfg)
+    scaler = grad_scaler(dtype, dist.device)
     ema_params = [p.detach().clone() for p in params]
     step_fn = sde_step if cfg.sde_type == "sde" else cps_step
     start_step, optimizer_step = 0, 0
     if cfg.resume:
-        start_step, optimizer_step = resume_checkpoint(cfg.out, params, ema_params, optimizer, warn=dist.main)
+        start_step, optimizer_step = resume_checkpoint(cfg.out, params, ema_params, optimizer, dist.main, scaler)
     if dist.main:
         write_run_files(cfg, start_step)
 
@@ -984,7 +985,6 @@ def train(cfg: Config):
     num_batches = images_per_rank // cfg.batch_size
     chunks = update_chunks(num_batches, cfg.updates_per_step)
     sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)
-    scaler = grad_scaler(dtype, dist.device)
     for p in params:  # a rank with nothing to train in an update still takes part in the all-reduce
         p.grad = torch.zeros_like(p)
     nonfinite_in_a_row = 0
@@ -1094,7 +1094,7 @@ def train(cfg: Config):
             print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config)
+                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config, scaler)
     if dist.main:
         with swap_in(params, ema_params if cfg.ema else params):
             save_lora(transformer, lora_config, f"{cfg.out}/lora")
@@ -1203,7 +1203,7 @@ def latest_checkpoint(out: str):
 
 
 def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer, transformer,
-                    lora_config):
+                    lora_config, scaler=None):
     """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint. It also
     holds the (EMA) LoRA in diffusers' format, as lora/ at the end of a run, so the weights of a run
     that died are usable with load_lora_weights(CHECKPOINT) without resuming it."""
@@ -1226,7 +1226,10 @@ def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_par
     # the global states are kept for anything else that draws from them.
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, f"{tmp}/rng.pt")
     with open(f"{tmp}/state.json", "w") as f:
-        json.dump({"step": step, "optimizer_step": optimizer_step}, f)
+        state = {"step": step, "optimizer_step": optimizer_step}
+        if scaler is not None and scaler.is_enabled():  # fp16: the loss scale reached, for an exact resume
+            state["grad_scaler"] = scaler.state_dict()
+        json.dump(state, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(os.listdir(f"{cfg.out}/checkpoints"))[: -cfg.keep_checkpoints]:
@@ -1263,7 +1266,7 @@ def read_checkpoint(folder: str) -> dict:
     return saved
 
 
-def load_checkpoint(folder: str, params, ema_params, optimizer):
+def load_checkpoint(folder: str, params, ema_params, optimizer, scaler=None):
     """Restore a checkpoint; a damaged one raises DamagedCheckpoint and changes nothing."""
     saved = read_checkpoint(folder)
     for target, name in ((params, "lora.safetensors"), (ema_params, "ema.safetensors")):
@@ -1280,6 +1283,8 @@ def load_checkpoint(folder: str, params, ema_params, optimizer):
         with torch.no_grad():
             for i, p in enumerate(target):
                 p.copy_(saved[name][str(i)])
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in saved["state.json"]:
+        scaler.load_state_dict(saved["state.json"]["grad_scaler"])
     rng = saved["rng.pt"]
     torch.set_rng_state(rng["cpu"])
     if rng["cuda"] and torch.cuda.is_available():
@@ -1287,7 +1292,7 @@ def load_checkpoint(folder: str, params, ema_params, optimizer):
     return step, optimizer_step
 
 
-def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True):
+def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True, scaler=None):
     """Restore the newest intact checkpoint of out and return its (step, optimizer_step), (0, 0) if it
     has none. A damaged newer one (a full disk, a copy cut short) is skipped with a one-line warning;
     if every one is damaged the run stops with one line rather than silently start again."""
@@ -1296,7 +1301,7 @@ def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True
     damaged = []
     for folder in sorted(glob.glob(f"{out}/checkpoints/step_*"), reverse=True):
         try:
-            steps = load_checkpoint(folder, params, ema_params, optimizer)
+            steps = load_checkpoint(folder, params, ema_params, optimizer, scaler)
         except DamagedCheckpoint as error:
             damaged.append(str(error))
             continue

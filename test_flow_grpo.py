@@ -1186,6 +1186,23 @@ def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
     assert np.abs(ours.astype(float) - np.round(expected * 255)).max() <= 1
 
 
+def test_fp16_checkpoint_keeps_the_loss_scale(tiny_pipe, tmp_path):
+    import copy
+
+    cfg = tiny_config(tmp_path / "out")
+    transformer, lora_config = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)
+    params = F.lora_parameters(transformer)
+    scaler = F.grad_scaler(torch.float16, torch.device("cpu"))
+    scaler.scale(torch.ones(()))
+    scaler.update(new_scale=1024.0)  # as after a few overflows
+    F.save_checkpoint(cfg, 3, 5, params, [p.detach().clone() for p in params], F.make_optimizer(params, cfg),
+                      transformer, lora_config, scaler)
+    restored = F.grad_scaler(torch.float16, torch.device("cpu"))
+    steps = F.resume_checkpoint(cfg.out, params, [p.detach().clone() for p in params], F.make_optimizer(params, cfg),
+                                False, restored)
+    assert steps == (3, 5) and restored.get_scale() == 1024.0 != F.grad_scaler(torch.float16, torch.device("cpu")).get_scale()
+
+
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
     run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
     assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16
