@@ -122,16 +122,19 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     return StepOutput(prev_x, gaussian_log_prob(prev_x, mean, std), mean, std)
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
     """KL(pi_theta || pi_ref) of one step, exact: both are Gaussians with the same std (paper Eq. 10).
 
         KL = ||mean_theta - mean_ref||^2 / (2 std^2)
            = (|dt| / 2) * (sigma_t (1 - sigma) / (2 sigma) + 1 / sigma_t)^2 * ||v_theta - v_ref||^2
 
-    per sample, averaged over non-batch dims like gaussian_log_prob (the paper sums). The official
-    code uses mean((mean_theta - mean_ref)^2) / (2 sigma_t^2), i.e. it leaves |dt| out of the
-    variance: official = |dt| * ours. Its beta values are tuned for that scale (see Config.kl_dt_scale).
+    per sample, averaged over non-batch dims like gaussian_log_prob (the paper sums). std: a float or
+    a tensor broadcastable to mean. For the SDE the official code divides by 2 sigma_t^2 instead
+    (official `scripts/train_sd3.py`, `main()`, kl_loss), i.e. it leaves |dt| out of the variance:
+    official = |dt| * ours, and its beta values are tuned for that scale (see Config.kl_dt_scale).
+    For CPS the official std is the full transition std: official = ours.
     """
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     kl = (mean - ref_mean) ** 2 / (2 * std.expand_as(mean) ** 2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 

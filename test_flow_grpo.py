@@ -235,6 +235,14 @@ def test_grpo_loss_clips_the_ratio():
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
 
 
+def test_gaussian_kl_takes_a_float_std():
+    g = torch.Generator().manual_seed(11)
+    mean, ref_mean = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    expected = ((mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * 0.3**2)
+    torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, 0.3), expected)
+    torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, torch.tensor(0.3)), expected)
+
+
 # ------------------------------------------------------------------------------------------------
 # The 2D toy: seconds on CPU, small settings of the same code paths as `python toy_2d.py`
 # ------------------------------------------------------------------------------------------------
