@@ -437,10 +437,13 @@ def sde_and_trained_steps(cfg: Config, generator):
 
     Flow-GRPO: all steps are SDE; the first int(T * train_fraction) are trained (not the last one,
     whose std ~0.006 makes its log-prob meaningless). Flow-GRPO-Fast (sde_window K): a window of K
-    SDE steps starting at random in the first half, ODE elsewhere; only the window is trained."""
+    SDE steps, ODE elsewhere; only the window is trained. The whole window lies in the first half,
+    start uniform in [0, T // 2 - K], as the official sde_window_range (0, T // 2) (official
+    `config/grpo.py`, the *_fast configs; `flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py`,
+    `pipeline_with_logprob()`: start = randint(range[0], range[1] - K), read from a fork's copy)."""
     if cfg.sde_window:
-        start = int(torch.randint(0, max(1, cfg.num_steps // 2), (1,), generator=generator))
-        window = list(range(start, min(start + cfg.sde_window, cfg.num_steps - 1)))
+        start = int(torch.randint(0, cfg.num_steps // 2 - cfg.sde_window + 1, (1,), generator=generator))
+        window = list(range(start, start + cfg.sde_window))
         return window, window
     return list(range(cfg.num_steps)), list(range(int(cfg.num_steps * cfg.train_fraction)))
 

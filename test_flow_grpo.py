@@ -752,13 +752,15 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
 
 
 def test_window_steps_are_consecutive_in_the_first_half():
+    # Official: start = randint(0, T // 2 - K) (both ends included), window [start, start + K).
     cfg = F.Config(num_steps=10, sde_window=3)
     starts = set()
     for seed in range(40):
         sde, trained = F.sde_and_trained_steps(cfg, torch.Generator().manual_seed(seed))
         assert sde == trained == list(range(sde[0], sde[0] + 3))
+        assert max(sde) < 10 // 2  # the whole window in the first half: steps 0..4 of 10
         starts.add(sde[0])
-    assert starts == {0, 1, 2, 3, 4}
+    assert starts == {0, 1, 2}
     sde, trained = F.sde_and_trained_steps(F.Config(num_steps=10), torch.Generator())
     assert sde == list(range(10)) and trained == list(range(9))  # the last step is never trained
 
