@@ -2,7 +2,7 @@
 
 Read top to bottom next to the paper:
   1. the math, one small function per equation (sde_step, cps_step, gaussian_kl, group_advantages,
-     grpo_loss), plain torch, shared with toy_2d.py;
+     grpo_step_objective), plain torch, shared with toy_2d.py;
   2. the full run: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft), rewards from rewards.py.
 
 Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], sigma = 1 is noise,
@@ -106,9 +106,11 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     Unlike sde_step it is not a discretised SDE (its noise does not vanish as steps shrink): with a
     posterior-mean velocity it keeps the marginal's mean but shrinks its variance (by ~20% in std
     for a Gaussian at a = 0.8; test_cps_keeps_the_mean_and_follows_its_variance_recursion).
-    log_prob is the proper Gaussian log-density; the official code instead uses
-    -mean((x_{t+1} - mean)^2), which equals our log_prob * 2 std^2 up to a constant: the same
-    gradient direction per step, scaled by 2 std^2 (so its clip range and beta differ from ours).
+    log_prob is the proper Gaussian log-density. The official code (`flow_grpo/diffusers_patch/
+    sd3_sde_with_logprob.py`, `sde_step_with_logprob()`, sde_type 'cps') uses -mean((x_{t+1} - mean)^2)
+    instead, i.e. 2 std^2 * our log_prob up to a constant. std runs from ~0.9 to ~0.008 over the
+    schedule, so the two weight the steps up to ~10^4 apart; training uses the official weighting
+    (grpo_step_objective with sde_type 'cps'), since its clip range and beta were tuned for it.
     """
     dtype = _sde_dtype(x)
     v, x = v.to(dtype), x.to(dtype)
@@ -165,20 +167,70 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     return advantages.float()
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0) -> torch.Tensor:
-    """The clipped GRPO surrogate of one denoising step, to minimise (paper Eq. 5-6).
+class StepObjective(NamedTuple):
+    loss: torch.Tensor  # policy_loss + beta * kl: what is minimised
+    policy_loss: torch.Tensor  # the clipped surrogate
+    kl: torch.Tensor  # the KL term on the recipe's scale, before multiplication by beta
+    approx_kl: torch.Tensor  # 1/2 mean(rho^2) of the recipe's log-ratio rho, detached
+    clip_fraction: torch.Tensor  # fraction of ratios outside [1 - eps, 1 + eps], detached
+    ratio: torch.Tensor  # [B] the ratio r the surrogate used, detached
 
-        ratio_t = pi_theta(x_{t+1} | x_t, c) / pi_old(x_{t+1} | x_t, c) = exp(log_prob - old_log_prob)
-        L       = mean_i max( -A_i ratio_t,  -A_i clip(ratio_t, 1 - eps, 1 + eps) )
 
-    with A clipped to [-adv_clip, adv_clip] as in the official code. The beta * KL term is added by
-    the caller (gaussian_kl), since its scale is a choice of the recipe.
+def _one_per_sample(value, like: torch.Tensor) -> torch.Tensor:
+    """A float, [B] or [B, 1, ...] value (a step's std or dt) as a scalar or a [B] tensor like `like`."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value.reshape(value.shape[0], -1)[:, 0] if value.ndim else value
+
+
+def _batch_mean(values: torch.Tensor, weights) -> torch.Tensor:
+    return values.mean() if weights is None else (values * weights).sum()
+
+
+def grpo_step_objective(
+    log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, *, sde_type: str = "sde",
+    mean=None, std=None, dt=None, ref_mean=None, beta: float = 0.0, kl_dt_scale: bool = True, weights=None,
+) -> StepObjective:
+    """The whole Flow-GRPO objective of one denoising step t, to minimise (paper Eq. 5-6 and Eq. 10):
+
+        L_t = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) )  +  beta * sum_i w_i c_i KL_i
+
+    A_i: advantage clipped to +-adv_clip (official); w_i: weights, uniform 1/B by default (a caller
+    that masks samples passes weights that sum to 1); eps: clip_range.
+
+    Where the ratio is formed: r_i = exp(rho_i), one per sample, from the log-probs of x_{t+1}
+    (averaged over dims, see gaussian_log_prob) under pi_theta (log_prob, with gradient) and under the
+    rollout policy pi_old (old_log_prob):
+      sde_type 'sde': rho = log pi_theta - log pi_old, the Gaussian ratio of Eq. 5.
+      sde_type 'cps': rho = 2 std^2 (log pi_theta - log pi_old), which is the official CPS surrogate's
+        difference, -mean((x_{t+1} - mean_theta)^2) + mean((x_{t+1} - mean_old)^2) (see cps_step).
+    Where the KL enters: KL_i = gaussian_kl(mean, ref_mean, std), the exact KL of Eq. 10 to the reference
+    policy (the frozen model), times c_i = |dt| for the SDE with kl_dt_scale (the official SDE scale,
+    which beta was tuned for), else 1 (the official CPS KL is the exact one). No ref_mean: no KL term.
+    Inputs: log_prob, old_log_prob, advantages: [B]; mean, ref_mean: [B, ...]; std and
+    dt = sigma_next - sigma of the step: floats or one value per sample.
     """
     advantages = advantages.clamp(-adv_clip, adv_clip)
-    ratio = torch.exp(log_prob - old_log_prob)
+    log_ratio = log_prob - old_log_prob
+    if sde_type == "cps":
+        log_ratio = 2 * _one_per_sample(std, log_prob) ** 2 * log_ratio
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped).mean()
+    policy_loss = _batch_mean(torch.maximum(unclipped, clipped), weights)
+    kl = torch.zeros(())
+    if ref_mean is not None:
+        per_sample_kl = gaussian_kl(mean, ref_mean, std)
+        scale = _one_per_sample(dt, log_prob).abs() if sde_type == "sde" and kl_dt_scale else None
+        if scale is not None and scale.ndim:
+            per_sample_kl = per_sample_kl * scale
+        kl = _batch_mean(per_sample_kl, weights)
+        if scale is not None and not scale.ndim:  # one dt for the batch: scaled after the mean, as before
+            kl = kl * scale
+    loss = policy_loss + beta * kl
+    with torch.no_grad():
+        approx_kl = 0.5 * _batch_mean(log_ratio**2, weights)
+        clip_fraction = _batch_mean(((ratio - 1).abs() > clip_range).float(), weights)
+    return StepObjective(loss, policy_loss, kl, approx_kl, clip_fraction, ratio.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,7 +309,8 @@ class Config:
     adv_clip: float = config_field(5.0, "advantages are clamped to +-adv_clip")
     global_std: bool = config_field(True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)")
     beta: float = config_field(0.01, "KL weight (official: 0.01 PickScore, 0.04 GenEval/OCR)")
-    kl_dt_scale: bool = config_field(True, "KL as the official code, |dt| x the exact KL: the scale beta was tuned for")
+    kl_dt_scale: bool = config_field(
+        True, "sde: KL as the official code, |dt| x the exact KL (beta was tuned for it); cps: exact, as official")
     train_fraction: float = config_field(0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never")
     # Optimiser and LoRA
     lr: float = config_field(3e-4, "AdamW learning rate (constant)")
@@ -768,25 +821,21 @@ def train(cfg: Config):
             x = trajectory.latents[:, j]
             v = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
             out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=trajectory.latents[:, j + 1])
-            old_log_prob = trajectory.log_probs[:, j]
-            policy_loss = grpo_loss(out.log_prob, old_log_prob, adv, cfg.clip_range, cfg.adv_clip)
-            kl = torch.zeros(())
+            ref_mean = None
             if cfg.beta > 0:
                 with torch.no_grad(), transformer.disable_adapter():
                     v_ref = guided_velocity(transformer, x, timesteps[j], text, cfg.guidance_scale)
                 ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
-                kl = gaussian_kl(out.mean, ref_mean, out.std).mean() * (abs(sigmas[j + 1] - sigmas[j]) if cfg.kl_dt_scale else 1)
-            loss = policy_loss + cfg.beta * kl
-            (loss / accumulate).backward()
-            with torch.no_grad():
-                delta = out.log_prob - old_log_prob
-                if first_ratio_error is None:  # before any update: must be 0 (on-policy)
-                    first_ratio_error = (delta.exp() - 1).abs().max().item()
-                stats["loss"].append(loss.item())
-                stats["policy_loss"].append(policy_loss.item())
-                stats["kl"].append(kl.item())
-                stats["approx_kl"].append(0.5 * (delta**2).mean().item())
-                stats["clip_fraction"].append(((delta.exp() - 1).abs() > cfg.clip_range).float().mean().item())
+            objective = grpo_step_objective(
+                out.log_prob, trajectory.log_probs[:, j], adv, cfg.clip_range, cfg.adv_clip, sde_type=cfg.sde_type,
+                mean=out.mean, std=out.std, dt=sigmas[j + 1] - sigmas[j], ref_mean=ref_mean, beta=cfg.beta,
+                kl_dt_scale=cfg.kl_dt_scale,
+            )
+            (objective.loss / accumulate).backward()
+            if first_ratio_error is None:  # before any update: must be 0 (on-policy)
+                first_ratio_error = (objective.ratio - 1).abs().max().item()
+            for name, values in stats.items():
+                values.append(getattr(objective, name).item())
             if (count + 1) % accumulate == 0 or count + 1 == backwards:
                 average_gradients(params, dist)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

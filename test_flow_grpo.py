@@ -217,7 +217,7 @@ def test_grpo_loss_on_policy_value_and_gradient():
     """At log_prob == old_log_prob the ratio is 1: L = -mean(A) and dL/dlog_prob = -A / N."""
     log_prob = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
     advantages = torch.tensor([1.0, -0.5, 7.0, 0.0])
-    loss = F.grpo_loss(log_prob, log_prob.detach(), advantages, clip_range=1e-4, adv_clip=5.0)
+    loss = F.grpo_step_objective(log_prob, log_prob.detach(), advantages, clip_range=1e-4, adv_clip=5.0).loss
     clipped = advantages.clamp(-5, 5)
     assert loss.item() == pytest.approx(-clipped.mean().item())
     (grad,) = torch.autograd.grad(loss, log_prob)
@@ -229,7 +229,7 @@ def test_grpo_loss_clips_the_ratio():
     advantages = torch.tensor([1.0, -1.0])
     # Ratio 1.5 with a positive advantage: the clipped term (1 + eps) wins and has no gradient.
     log_prob = torch.log(torch.tensor([1.5, 1.5])).requires_grad_()
-    loss = F.grpo_loss(log_prob, old, advantages, clip_range=0.2)
+    loss = F.grpo_step_objective(log_prob, old, advantages, clip_range=0.2).loss
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
@@ -241,6 +241,93 @@ def test_gaussian_kl_takes_a_float_std():
     expected = ((mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * 0.3**2)
     torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, 0.3), expected)
     torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, torch.tensor(0.3)), expected)
+
+
+SD3_SIGMAS = toy_2d.sigma_schedule(10, 3.0).double()  # 1.0, 0.9601, ..., 0.2780, 0.0089, 0
+
+
+@pytest.mark.parametrize("clip_range", [1.0, 1e-3])
+def test_cps_training_ratio_and_gradient_are_the_official_ones(clip_range):
+    """Official CPS (`flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`, sde_type 'cps'): log p =
+    -mean((x' - mean)^2), no variance, no constants. cps_step's log_prob is the proper density; the
+    training ratio and its gradient must still be the official recipe's at every trained step."""
+    g = torch.Generator().manual_seed(12)
+    for j in range(9):
+        x, v_old, noise = (torch.randn(6, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+        v = (v_old + 0.05 * noise).requires_grad_()
+        advantages = 3 * torch.randn(6, generator=g, dtype=torch.float64)
+        old = F.cps_step(v_old, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, generator=g)
+        new = F.cps_step(v, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, prev_x=old.prev_x)
+        ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, sde_type="cps", mean=new.mean,
+                                     std=new.std, dt=SD3_SIGMAS[j + 1] - SD3_SIGMAS[j])
+
+        def official_log_prob(mean):
+            return -((old.prev_x - mean) ** 2).mean(dim=(1, 2))
+
+        ratio = torch.exp(official_log_prob(new.mean) - official_log_prob(old.mean))
+        a = advantages.clamp(-5, 5)
+        official = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+        torch.testing.assert_close(ours.ratio, ratio.detach(), rtol=0, atol=1e-6)
+        (ours_grad,) = torch.autograd.grad(ours.loss, v, retain_graph=True)
+        (official_grad,) = torch.autograd.grad(official, v)
+        assert official_grad.abs().max() > 0
+        torch.testing.assert_close(ours_grad, official_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_kl_scale_per_sampler_is_the_official_one():
+    """Official KL (`scripts/train_sd3.py`, `main()`): mean((mean - mean_ref)^2) / (2 std_dev_t^2), with
+    std_dev_t = sigma_t = a sqrt(sigma / (1 - sigma)) for the SDE (no sqrt|dt|: |dt| x the exact KL) and
+    std_dev_t = sigma_next sin(a pi / 2), the full transition std, for CPS (the exact KL)."""
+    g = torch.Generator().manual_seed(13)
+    x, v, v_ref = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma, sigma_next = SD3_SIGMAS[[0, 5, 8]], SD3_SIGMAS[[1, 6, 9]]  # one step per sample, the first at sigma = 1
+    advantages = torch.randn(3, generator=g, dtype=torch.float64)
+    for sde_type, step, a in (("sde", F.sde_step, 0.7), ("cps", F.cps_step, 0.8)):
+        theta = step(v, x, sigma, sigma_next, a, generator=g)
+        ref = step(v_ref, x, sigma, sigma_next, a, prev_x=theta.prev_x)
+        if sde_type == "sde":  # at sigma = 1 the official code puts sigma_next (sigmas[1]) in the denominator
+            std_dev_t = a * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+        else:
+            std_dev_t = sigma_next * math.sin(a * math.pi / 2)
+        official = (((theta.mean - ref.mean) ** 2).mean(dim=(1, 2)) / (2 * std_dev_t**2)).mean()
+        exact = F.gaussian_kl(theta.mean, ref.mean, theta.std).mean()
+        for kl_dt_scale in (True, False):
+            ours = F.grpo_step_objective(theta.log_prob, theta.log_prob.detach(), advantages, 1e-4, sde_type=sde_type,
+                                         mean=theta.mean, std=theta.std, dt=sigma_next - sigma, ref_mean=ref.mean,
+                                         beta=0.3, kl_dt_scale=kl_dt_scale)
+            expected = official if kl_dt_scale or sde_type == "cps" else exact
+            assert ours.kl.item() == pytest.approx(expected.item(), rel=1e-6)
+            assert ours.loss.item() == pytest.approx(ours.policy_loss.item() + 0.3 * expected.item(), rel=1e-6)
+    assert official.item() == pytest.approx(exact.item(), rel=1e-6)  # CPS: the official KL is the exact one
+
+
+def test_objective_weights_drop_samples_and_the_loss_is_policy_plus_beta_kl():
+    """weights = mask / mask.sum() gives exactly the objective of the kept samples alone (loss, parts and
+    gradient); no weights is the uniform mean."""
+    g = torch.Generator().manual_seed(16)
+    log_prob = torch.randn(6, generator=g).requires_grad_()
+    old, advantages = log_prob.detach() + 0.1 * torch.randn(6, generator=g), torch.randn(6, generator=g)
+    mean, ref_mean = torch.randn(6, 4, generator=g).requires_grad_(), torch.randn(6, 4, generator=g)
+    keep = torch.tensor([True, False, True, True, False, True])
+    common = dict(clip_range=0.05, std=0.3, dt=-0.1, beta=0.2)
+    weighted = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
+                                     weights=keep.float() / keep.sum(), **common)
+    alone = F.grpo_step_objective(log_prob[keep], old[keep], advantages[keep], mean=mean[keep], ref_mean=ref_mean[keep],
+                                  **common)
+    for name in F.StepObjective._fields[:-1]:
+        assert getattr(weighted, name).item() == pytest.approx(getattr(alone, name).item(), rel=1e-6, abs=1e-7), name
+    grads_weighted = torch.autograd.grad(weighted.loss, (log_prob, mean))
+    grads_alone = torch.autograd.grad(alone.loss, (log_prob, mean))
+    for weighted_grad, alone_grad in zip(grads_weighted, grads_alone):
+        assert torch.all(weighted_grad[~keep] == 0)
+        torch.testing.assert_close(weighted_grad, alone_grad)  # alone indexes the same leaves: 0 where dropped
+    uniform = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
+                                    weights=torch.full((6,), 1 / 6), **common)
+    default = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean, **common)
+    torch.testing.assert_close(uniform.loss, default.loss)
+    assert default.loss.item() == pytest.approx(default.policy_loss.item() + 0.2 * default.kl.item(), rel=1e-6)
+    kl_by_hand = ((mean - ref_mean) ** 2).mean(dim=1) / (2 * 0.3**2) * 0.1  # the SDE's |dt| scale by default
+    assert default.kl.item() == pytest.approx(kl_by_hand.mean().item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -779,6 +866,25 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
 
 
+def spy_on_objective(monkeypatch):
+    """The keyword arguments of every grpo_step_objective call that train() makes."""
+    calls = []
+    real_objective = F.grpo_step_objective
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_objective(*args, **kwargs)
+
+    monkeypatch.setattr(F, "grpo_step_objective", spy)
+    return calls
+
+
+def test_cps_run_trains_with_the_cps_weighting_and_kl_scale(tmp_path, monkeypatch):
+    calls = spy_on_objective(monkeypatch)
+    F.train(tiny_config(tmp_path / "out", sde_type="cps", noise_level=0.8))
+    assert len(calls) == 6 and all(call["sde_type"] == "cps" and call["ref_mean"] is not None for call in calls)
+
+
 # ------------------------------------------------------------------------------------------------
 # Reliability: exact resume, bad input, numerical guards
 # ------------------------------------------------------------------------------------------------
@@ -903,14 +1009,14 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = F.grpo_loss
+    real_objective = F.grpo_step_objective
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * math.nan if calls["n"] == 1 or calls["n"] > 6 else loss
+        objective = real_objective(*args, **kwargs)
+        return objective._replace(loss=objective.loss * math.nan) if calls["n"] == 1 or calls["n"] > 6 else objective
 
-    monkeypatch.setattr(F, "grpo_loss", sometimes_nan)
+    monkeypatch.setattr(F, "grpo_step_objective", sometimes_nan)
     # 2 batches x 3 trained steps = 6 backwards per step, 2 updates: the first update of step 1 is
     # poisoned, the second is fine; from step 2 on every update is poisoned.
     cfg = tiny_config(tmp_path / "out", max_steps=4, save_every=1)

@@ -2,7 +2,7 @@
 
 A small MLP velocity field is pretrained by rectified flow matching on 8 Gaussians on a ring, then
 fine-tuned with Flow-GRPO through the very functions of flow_grpo.py (sde_step, group_advantages,
-grpo_loss, gaussian_kl) toward a reward that can be hacked: minus the distance to one point. The
+grpo_step_objective) toward a reward that can be hacked: minus the distance to one point. The
 script measures the paper's three claims, prints them as a table and writes <out>/toy.json:
   (a) the SDE of Eq. 8 (any noise level) and CPS sample the same marginals as the ODE;
   (b) denoising reduction: 10 rollout steps reach the reward of 40 steps at several times less time;
@@ -186,7 +186,8 @@ def evaluate(model, cfg, n=None):
 
 
 def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen):
-    """One epoch: G rollouts per prompt, group-relative advantages, clipped surrogate + beta * KL.
+    """One epoch: G rollouts per prompt, group-relative advantages, clipped surrogate + beta * KL
+    (flow_grpo.grpo_step_objective, with the exact KL: |dt| stays in the variance).
 
     A "prompt" is a label c: the G samples of a group share it, so each group's baseline is the mean
     reward under its label. The labels differ in reachable reward (mode 0, the target, belongs to
@@ -206,17 +207,19 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen):
         sigma_next = sigmas[1 : n_train + 1].repeat_interleave(len(batch))
         lab = labels[batch].repeat(n_train)
         out = flow_grpo.sde_step(policy(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level, prev_x=prev_x)
-        old = old_log_probs[:n_train, batch].reshape(-1)
-        loss = flow_grpo.grpo_loss(out.log_prob, old, advantages[batch].repeat(n_train), cfg.clip_range, cfg.adv_clip)
+        ref_mean = None
         if beta > 0:
             with torch.no_grad():
                 ref_mean = flow_grpo.sde_step(base(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level).mean
-            loss = loss + beta * flow_grpo.gaussian_kl(out.mean, ref_mean, out.std).mean()
+        objective = flow_grpo.grpo_step_objective(
+            out.log_prob, old_log_probs[:n_train, batch].reshape(-1), advantages[batch].repeat(n_train), cfg.clip_range,
+            cfg.adv_clip, mean=out.mean, std=out.std, dt=sigma_next - sigma, ref_mean=ref_mean, beta=beta,
+            kl_dt_scale=False)
         opt.zero_grad()
-        loss.backward()
+        objective.loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
-        clipped.append(((out.log_prob - old).exp() - 1).abs().gt(cfg.clip_range).float().mean().item())
+        clipped.append(objective.clip_fraction.item())
     return sum(clipped) / len(clipped)
 
 
