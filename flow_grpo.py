@@ -2,7 +2,8 @@
 
 Read top to bottom next to the paper:
   1. the math, one small function per equation (sde_step, cps_step, gaussian_kl, group_advantages,
-     grpo_step_objective), plain torch, shared with toy_2d.py;
+     normalised_log_ratio) and the per-step objective (grpo_step_objective), plain torch, shared with
+     toy_2d.py;
   2. the full run: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft), rewards from rewards.py.
 
 Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], sigma = 1 is noise,
@@ -167,11 +168,31 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     return advantages.float()
 
 
+def normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (arXiv 2510.22319, Eq. 8 as other implementations cite it): the per-step
+    log-ratio, re-centred and rescaled.
+
+    With x_{t+1} = mean_old + std * eps drawn by the rollout policy and delta = mean_theta - mean_old,
+    the plain log-ratio of two Gaussians with the same std is (averaged over dims, as gaussian_log_prob)
+        log r_t = mean(eps * delta) / std - mean(delta^2) / (2 std^2)
+    Its mean over the noise is -mean(delta^2) / (2 std^2) < 0 (the ratio is biased below 1, so a
+    positive advantage rarely reaches the clip at 1 + eps), and its spread ~ |delta| / std changes with
+    the step's std. RatioNorm adds the bias back and multiplies by std:
+        log r^_t = std * (log r_t + mean(delta^2) / (2 std^2)) = mean(eps * delta)
+    which has mean 0 at every step. Official `scripts/train_sd3_GRPO_Guard.py`, `main()` (config.rationorm;
+    std there is sqrt_dt * sigma_t, read from copies of the official file in forks of yifan123/flow_grpo).
+    log_prob, old_log_prob: [B]; mean, old_mean: [B, ...]; std: a float or one value per sample.
+    """
+    std = _one_per_sample(std, log_prob)
+    bias = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
+    return (log_prob - old_log_prob + bias) * std
+
+
 class StepObjective(NamedTuple):
     loss: torch.Tensor  # policy_loss + beta * kl: what is minimised
     policy_loss: torch.Tensor  # the clipped surrogate
     kl: torch.Tensor  # the KL term on the recipe's scale, before multiplication by beta
-    approx_kl: torch.Tensor  # 1/2 mean(rho^2) of the recipe's log-ratio rho, detached
+    approx_kl: torch.Tensor  # 1/2 mean(rho^2) of the recipe's log-ratio rho (before RatioNorm), detached
     clip_fraction: torch.Tensor  # fraction of ratios outside [1 - eps, 1 + eps], detached
     ratio: torch.Tensor  # [B] the ratio r the surrogate used, detached
 
@@ -188,11 +209,12 @@ def _batch_mean(values: torch.Tensor, weights) -> torch.Tensor:
 
 def grpo_step_objective(
     log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, *, sde_type: str = "sde",
-    mean=None, std=None, dt=None, ref_mean=None, beta: float = 0.0, kl_dt_scale: bool = True, weights=None,
+    mean=None, std=None, dt=None, ref_mean=None, beta: float = 0.0, kl_dt_scale: bool = True,
+    ratio_norm: bool = False, old_mean=None, weights=None,
 ) -> StepObjective:
     """The whole Flow-GRPO objective of one denoising step t, to minimise (paper Eq. 5-6 and Eq. 10):
 
-        L_t = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) )  +  beta * sum_i w_i c_i KL_i
+        L_t = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) ) / d_i  +  beta * sum_i w_i c_i KL_i
 
     A_i: advantage clipped to +-adv_clip (official); w_i: weights, uniform 1/B by default (a caller
     that masks samples passes weights that sum to 1); eps: clip_range.
@@ -203,20 +225,29 @@ def grpo_step_objective(
       sde_type 'sde': rho = log pi_theta - log pi_old, the Gaussian ratio of Eq. 5.
       sde_type 'cps': rho = 2 std^2 (log pi_theta - log pi_old), which is the official CPS surrogate's
         difference, -mean((x_{t+1} - mean_theta)^2) + mean((x_{t+1} - mean_old)^2) (see cps_step).
+      ratio_norm (GRPO-Guard, SDE only): rho = normalised_log_ratio(...) and d_i = |dt| (its gradient
+        reweighting, arXiv 2510.22319 Eq. 12 as cited elsewhere; official `scripts/train_sd3_GRPO_Guard.py`,
+        `main()`: policy_loss / sqrt_dt^2); otherwise d_i = 1.
     Where the KL enters: KL_i = gaussian_kl(mean, ref_mean, std), the exact KL of Eq. 10 to the reference
     policy (the frozen model), times c_i = |dt| for the SDE with kl_dt_scale (the official SDE scale,
     which beta was tuned for), else 1 (the official CPS KL is the exact one). No ref_mean: no KL term.
-    Inputs: log_prob, old_log_prob, advantages: [B]; mean, ref_mean: [B, ...]; std and
+    Inputs: log_prob, old_log_prob, advantages: [B]; mean, ref_mean, old_mean: [B, ...]; std and
     dt = sigma_next - sigma of the step: floats or one value per sample.
     """
     advantages = advantages.clamp(-adv_clip, adv_clip)
     log_ratio = log_prob - old_log_prob
     if sde_type == "cps":
         log_ratio = 2 * _one_per_sample(std, log_prob) ** 2 * log_ratio
+    recipe_log_ratio = log_ratio
+    if ratio_norm:
+        log_ratio = normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    policy_loss = _batch_mean(torch.maximum(unclipped, clipped), weights)
+    surrogate = torch.maximum(unclipped, clipped)
+    if ratio_norm:
+        surrogate = surrogate / _one_per_sample(dt, log_prob).abs()
+    policy_loss = _batch_mean(surrogate, weights)
     kl = torch.zeros(())
     if ref_mean is not None:
         per_sample_kl = gaussian_kl(mean, ref_mean, std)
@@ -228,7 +259,7 @@ def grpo_step_objective(
             kl = kl * scale
     loss = policy_loss + beta * kl
     with torch.no_grad():
-        approx_kl = 0.5 * _batch_mean(log_ratio**2, weights)
+        approx_kl = 0.5 * _batch_mean(recipe_log_ratio**2, weights)
         clip_fraction = _batch_mean(((ratio - 1).abs() > clip_range).float(), weights)
     return StepObjective(loss, policy_loss, kl, approx_kl, clip_fraction, ratio.detach())
 
@@ -311,6 +342,8 @@ class Config:
     beta: float = config_field(0.01, "KL weight (official: 0.01 PickScore, 0.04 GenEval/OCR)")
     kl_dt_scale: bool = config_field(
         True, "sde: KL as the official code, |dt| x the exact KL (beta was tuned for it); cps: exact, as official")
+    ratio_norm: bool = config_field(
+        False, "GRPO-Guard (arXiv 2510.22319): RatioNorm of the log-ratio, 1/|dt| gradient reweighting (sde only)")
     train_fraction: float = config_field(0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never")
     # Optimiser and LoRA
     lr: float = config_field(3e-4, "AdamW learning rate (constant)")
@@ -453,6 +486,7 @@ def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_sca
 class Trajectory(NamedTuple):
     latents: torch.Tensor  # [B, T+1, C, H, W]: x at every sigma, from noise to the final sample
     log_probs: torch.Tensor  # [B, T]: log pi_old(x_{j+1} | x_j) recorded in the rollout
+    means: torch.Tensor  # [B, T, C, H, W]: mean of pi_old(. | x_j), which RatioNorm needs
 
 
 def schedule(pipe, num_steps: int, device):
@@ -464,14 +498,15 @@ def schedule(pipe, num_steps: int, device):
 @torch.no_grad()
 def sample(transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None) -> Trajectory:
     """Run the sampler from pure noise: step j uses noise level noise_levels[j] (0 = ODE)."""
-    trajectory, log_probs = [latents.float()], []
+    trajectory, log_probs, means = [latents.float()], [], []
     x = latents.float()
     for j in range(len(timesteps)):
         v = guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
-        x, log_prob, _, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
+        x, log_prob, mean, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
         trajectory.append(x)
         log_probs.append(log_prob)
-    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1))
+        means.append(mean)
+    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), torch.stack(means, dim=1))
 
 
 def decode_images(pipe, latents):
@@ -642,6 +677,8 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError(f"--noise-level {cfg.noise_level}: use (0, {largest}] for {cfg.sde_type} (0.7 for sde, 0.8 for cps)")
     if cfg.sde_window < 0 or cfg.sde_window > cfg.num_steps // 2:
         raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
+    if cfg.ratio_norm and cfg.sde_type != "sde":
+        raise UsageError("--ratio-norm is defined for --sde-type sde only (as in the official GRPO-Guard script)")
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
 
@@ -829,7 +866,7 @@ def train(cfg: Config):
             objective = grpo_step_objective(
                 out.log_prob, trajectory.log_probs[:, j], adv, cfg.clip_range, cfg.adv_clip, sde_type=cfg.sde_type,
                 mean=out.mean, std=out.std, dt=sigmas[j + 1] - sigmas[j], ref_mean=ref_mean, beta=cfg.beta,
-                kl_dt_scale=cfg.kl_dt_scale,
+                kl_dt_scale=cfg.kl_dt_scale, ratio_norm=cfg.ratio_norm, old_mean=trajectory.means[:, j],
             )
             (objective.loss / accumulate).backward()
             if first_ratio_error is None:  # before any update: must be 0 (on-policy)

@@ -301,6 +301,66 @@ def test_kl_scale_per_sampler_is_the_official_one():
     assert official.item() == pytest.approx(exact.item(), rel=1e-6)  # CPS: the official KL is the exact one
 
 
+def test_ratio_norm_centres_the_log_ratio_at_every_step():
+    """GRPO-Guard's claim, on 10-step SD3-schedule rollouts of the exact velocity of N(m, s^2 I) data in
+    16 dims, scored under the velocity of slightly different data (m + 0.2, 1.1 s). Given x_t, the
+    plain per-step log-ratio has the closed-form mean -mean(delta^2) / (2 std^2) < 0 (delta: the change
+    of the transition mean); the normalised one has mean 0 at every step, and its spread differs less
+    from step to step."""
+    g = torch.Generator().manual_seed(14)
+    n, m, s = 40_000, torch.linspace(-1, 2, 16, dtype=torch.float64), 0.5
+    x = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    spreads = {"plain": [], "normalised": []}
+    for j in range(9):
+        sigma, sigma_next = SD3_SIGMAS[j].item(), SD3_SIGMAS[j + 1].item()
+        old = F.sde_step(gaussian_target_velocity(x, sigma, m, s), x, sigma, sigma_next, 0.7, generator=g)
+        v_perturbed = gaussian_target_velocity(x, sigma, m + 0.2, 1.1 * s)
+        new = F.sde_step(v_perturbed, x, sigma, sigma_next, 0.7, prev_x=old.prev_x)
+        plain = new.log_prob - old.log_prob
+        normalised = F.normalised_log_ratio(new.log_prob, old.log_prob, new.mean, old.mean, new.std)
+        closed_form = -((new.mean - old.mean) ** 2).mean(dim=1) / (2 * new.std**2)
+        plain_error = (plain - closed_form).std() / math.sqrt(n)
+        assert abs(plain.mean() - closed_form.mean()) < 4 * plain_error, j
+        assert closed_form.mean() < -3 * plain_error, j  # the bias below ratio 1 is real at every step
+        assert abs(normalised.mean()) < 4 * normalised.std() / math.sqrt(n), j
+        spreads["plain"].append(plain.std().item())
+        spreads["normalised"].append(normalised.std().item())
+        x = old.prev_x
+    max_over_min = {name: max(v) / min(v) for name, v in spreads.items()}
+    print(f"per-step spread of the log-ratio, max/min over steps 0-8: {max_over_min}")
+    assert max_over_min["normalised"] < max_over_min["plain"]
+
+
+def test_ratio_norm_objective_is_the_official_grpo_guard_one():
+    """Official `scripts/train_sd3_GRPO_Guard.py` (config.rationorm), computed directly: with
+    std_dev_t = sigma_t and sqrt_dt = sqrt(|dt|), bias = mean((mean - mean_old)^2) / (2 (sqrt_dt sigma_t)^2),
+    ratio = exp((log p - log p_old + bias) sqrt_dt sigma_t), policy_loss = mean(clipped surrogate) / sqrt_dt^2."""
+    g = torch.Generator().manual_seed(15)
+    x, v_old, noise = (torch.randn(5, 2, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    v = (v_old + 0.3 * noise).requires_grad_()
+    advantages = 2 * torch.randn(5, generator=g, dtype=torch.float64)
+    sigma, sigma_next, a, clip_range = SD3_SIGMAS[6], SD3_SIGMAS[7], 0.7, 7e-3
+    old = F.sde_step(v_old, x, sigma, sigma_next, a, generator=g)
+    new = F.sde_step(v, x, sigma, sigma_next, a, prev_x=old.prev_x)
+    ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, mean=new.mean, std=new.std,
+                                 dt=sigma_next - sigma, ratio_norm=True, old_mean=old.mean)
+    sigma_t, sqrt_dt = a * torch.sqrt(sigma / (1 - sigma)), torch.sqrt(sigma - sigma_next)
+
+    def log_prob(mean):
+        return torch.distributions.Normal(mean, sqrt_dt * sigma_t).log_prob(old.prev_x).mean(dim=(1, 2))
+
+    bias = ((new.mean - old.mean) ** 2).mean(dim=(1, 2)) / (2 * (sqrt_dt * sigma_t) ** 2)
+    ratio = torch.exp((log_prob(new.mean) - log_prob(old.mean) + bias) * sqrt_dt * sigma_t)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    official = surrogate.mean() / sqrt_dt**2
+    torch.testing.assert_close(ours.ratio, ratio.detach(), rtol=0, atol=1e-6)
+    assert ours.policy_loss.item() == pytest.approx(official.item(), rel=1e-6)
+    (ours_grad,) = torch.autograd.grad(ours.loss, v, retain_graph=True)
+    (official_grad,) = torch.autograd.grad(official, v)
+    torch.testing.assert_close(ours_grad, official_grad, rtol=1e-6, atol=1e-6)
+    assert (ours.ratio - 1).abs().max() > clip_range and (ours.ratio - 1).abs().min() < clip_range  # both branches
+
+
 def test_objective_weights_drop_samples_and_the_loss_is_policy_plus_beta_kl():
     """weights = mask / mask.sum() gives exactly the objective of the kept samples alone (loss, parts and
     gradient); no weights is the uniform mean."""
@@ -883,6 +943,24 @@ def test_cps_run_trains_with_the_cps_weighting_and_kl_scale(tmp_path, monkeypatc
     calls = spy_on_objective(monkeypatch)
     F.train(tiny_config(tmp_path / "out", sde_type="cps", noise_level=0.8))
     assert len(calls) == 6 and all(call["sde_type"] == "cps" and call["ref_mean"] is not None for call in calls)
+
+
+def test_ratio_norm_run_scores_against_the_rollout_means(tmp_path, monkeypatch):
+    calls = spy_on_objective(monkeypatch)
+    cfg = tiny_config(tmp_path / "out", ratio_norm=True)
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    assert len(calls) == 6 and all(call["ratio_norm"] and call["sde_type"] == "sde" for call in calls)  # 2 batches x 3
+    # Before any update the rollout's recorded mean of step j is exactly the training forward's.
+    assert torch.equal(calls[0]["old_mean"], calls[0]["mean"].detach())
+    assert not torch.equal(calls[-1]["old_mean"], calls[-1]["mean"].detach())  # after the first update
+
+
+def test_ratio_norm_is_refused_for_cps():
+    cfg = F.Config(sde_type="cps", noise_level=0.8, ratio_norm=True)
+    with pytest.raises(F.UsageError, match="--ratio-norm is defined for --sde-type sde only"):
+        F.check_config(cfg, F.Distributed(0, 1, torch.device("cpu")))
 
 
 # ------------------------------------------------------------------------------------------------
