@@ -2,7 +2,8 @@
 
 Read top to bottom next to the paper:
   1. the math, one small function per equation (sde_step, cps_step, gaussian_kl, group_advantages,
-     grpo_loss), plain torch, shared with toy_2d.py;
+     normalised_log_ratio) and the per-step objective (grpo_step_objective), plain torch, shared with
+     toy_2d.py;
   2. the full run: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft), rewards from rewards.py.
 
 Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], sigma = 1 is noise,
@@ -106,9 +107,11 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     Unlike sde_step it is not a discretised SDE (its noise does not vanish as steps shrink): with a
     posterior-mean velocity it keeps the marginal's mean but shrinks its variance (by ~20% in std
     for a Gaussian at a = 0.8; test_cps_keeps_the_mean_and_follows_its_variance_recursion).
-    log_prob is the proper Gaussian log-density; the official code instead uses
-    -mean((x_{t+1} - mean)^2), which equals our log_prob * 2 std^2 up to a constant: the same
-    gradient direction per step, scaled by 2 std^2 (so its clip range and beta differ from ours).
+    log_prob is the proper Gaussian log-density. The official code (`flow_grpo/diffusers_patch/
+    sd3_sde_with_logprob.py`, `sde_step_with_logprob()`, sde_type 'cps') uses -mean((x_{t+1} - mean)^2)
+    instead, i.e. 2 std^2 * our log_prob up to a constant. std runs from ~0.9 to ~0.008 over the
+    schedule, so the two weight the steps up to ~10^4 apart; training uses the official weighting
+    (grpo_step_objective with sde_type 'cps'), since its clip range and beta were tuned for it.
     """
     dtype = _sde_dtype(x)
     v, x = v.to(dtype), x.to(dtype)
@@ -122,16 +125,19 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     return StepOutput(prev_x, gaussian_log_prob(prev_x, mean, std), mean, std)
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
     """KL(pi_theta || pi_ref) of one step, exact: both are Gaussians with the same std (paper Eq. 10).
 
         KL = ||mean_theta - mean_ref||^2 / (2 std^2)
            = (|dt| / 2) * (sigma_t (1 - sigma) / (2 sigma) + 1 / sigma_t)^2 * ||v_theta - v_ref||^2
 
-    per sample, averaged over non-batch dims like gaussian_log_prob (the paper sums). The official
-    code uses mean((mean_theta - mean_ref)^2) / (2 sigma_t^2), i.e. it leaves |dt| out of the
-    variance: official = |dt| * ours. Its beta values are tuned for that scale (see Config.kl_dt_scale).
+    per sample, averaged over non-batch dims like gaussian_log_prob (the paper sums). std: a float or
+    a tensor broadcastable to mean. For the SDE the official code divides by 2 sigma_t^2 instead
+    (official `scripts/train_sd3.py`, `main()`, kl_loss), i.e. it leaves |dt| out of the variance:
+    official = |dt| * ours, and its beta values are tuned for that scale (see Config.kl_dt_scale).
+    For CPS the official std is the full transition std: official = ours.
     """
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
     kl = (mean - ref_mean) ** 2 / (2 * std.expand_as(mean) ** 2)
     return kl.mean(dim=tuple(range(1, mean.ndim)))
 
@@ -162,22 +168,100 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     return advantages.float()
 
 
-def grpo_loss(log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, weights=None) -> torch.Tensor:
-    """The clipped GRPO surrogate of one denoising step, to minimise (paper Eq. 5-6).
+def normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (arXiv 2510.22319, Eq. 8 as other implementations cite it): the per-step
+    log-ratio, re-centred and rescaled.
 
-        ratio_t = pi_theta(x_{t+1} | x_t, c) / pi_old(x_{t+1} | x_t, c) = exp(log_prob - old_log_prob)
-        L       = mean_i max( -A_i ratio_t,  -A_i clip(ratio_t, 1 - eps, 1 + eps) )
+    With x_{t+1} = mean_old + std * eps drawn by the rollout policy and delta = mean_theta - mean_old,
+    the plain log-ratio of two Gaussians with the same std is (averaged over dims, as gaussian_log_prob)
+        log r_t = mean(eps * delta) / std - mean(delta^2) / (2 std^2)
+    Its mean over the noise is -mean(delta^2) / (2 std^2) < 0 (the ratio is biased below 1, so a
+    positive advantage rarely reaches the clip at 1 + eps), and its spread ~ |delta| / std changes with
+    the step's std. RatioNorm adds the bias back and multiplies by std:
+        log r^_t = std * (log r_t + mean(delta^2) / (2 std^2)) = mean(eps * delta)
+    which has mean 0 at every step. Official `scripts/train_sd3_GRPO_Guard.py`, `main()` (config.rationorm;
+    std there is sqrt_dt * sigma_t, read from copies of the official file in forks of yifan123/flow_grpo).
+    log_prob, old_log_prob: [B]; mean, old_mean: [B, ...]; std: a float or one value per sample.
+    """
+    std = _one_per_sample(std, log_prob)
+    bias = ((mean - old_mean) ** 2).mean(dim=tuple(range(1, mean.ndim))) / (2 * std**2)
+    return (log_prob - old_log_prob + bias) * std
 
-    with A clipped to [-adv_clip, adv_clip] as in the official code. The beta * KL term is added by
-    the caller (gaussian_kl), since its scale is a choice of the recipe. With per-sample `weights`
-    (summing to 1 over what one optimizer step accumulates) the mean becomes sum_i weights_i * (...).
+
+class StepObjective(NamedTuple):
+    loss: torch.Tensor  # policy_loss + beta * kl: what is minimised
+    policy_loss: torch.Tensor  # the clipped surrogate
+    kl: torch.Tensor  # the KL term on the recipe's scale, before multiplication by beta
+    approx_kl: torch.Tensor  # 1/2 mean(rho^2) of the recipe's log-ratio rho (before RatioNorm), detached
+    clip_fraction: torch.Tensor  # fraction of ratios outside [1 - eps, 1 + eps], detached
+    ratio: torch.Tensor  # [B] the ratio r the surrogate used, detached
+
+
+def _one_per_sample(value, like: torch.Tensor) -> torch.Tensor:
+    """A float, [B] or [B, 1, ...] value (a step's std or dt) as a scalar or a [B] tensor like `like`."""
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    return value.reshape(value.shape[0], -1)[:, 0] if value.ndim else value
+
+
+def _batch_mean(values: torch.Tensor, weights) -> torch.Tensor:
+    return values.mean() if weights is None else (values * weights).sum()
+
+
+def grpo_step_objective(
+    log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, *, sde_type: str = "sde",
+    mean=None, std=None, dt=None, ref_mean=None, beta: float = 0.0, kl_dt_scale: bool = True,
+    ratio_norm: bool = False, old_mean=None, weights=None,
+) -> StepObjective:
+    """The whole Flow-GRPO objective of one denoising step t, to minimise (paper Eq. 5-6 and Eq. 10):
+
+        L_t = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) ) / d_i  +  beta * sum_i w_i c_i KL_i
+
+    A_i: advantage clipped to +-adv_clip (official); w_i: weights, uniform 1/B by default (a caller
+    that masks samples passes weights that sum to 1); eps: clip_range.
+
+    Where the ratio is formed: r_i = exp(rho_i), one per sample, from the log-probs of x_{t+1}
+    (averaged over dims, see gaussian_log_prob) under pi_theta (log_prob, with gradient) and under the
+    rollout policy pi_old (old_log_prob):
+      sde_type 'sde': rho = log pi_theta - log pi_old, the Gaussian ratio of Eq. 5.
+      sde_type 'cps': rho = 2 std^2 (log pi_theta - log pi_old), which is the official CPS surrogate's
+        difference, -mean((x_{t+1} - mean_theta)^2) + mean((x_{t+1} - mean_old)^2) (see cps_step).
+      ratio_norm (GRPO-Guard, SDE only): rho = normalised_log_ratio(...) and d_i = |dt| (its gradient
+        reweighting, arXiv 2510.22319 Eq. 12 as cited elsewhere; official `scripts/train_sd3_GRPO_Guard.py`,
+        `main()`: policy_loss / sqrt_dt^2); otherwise d_i = 1.
+    Where the KL enters: KL_i = gaussian_kl(mean, ref_mean, std), the exact KL of Eq. 10 to the reference
+    policy (the frozen model), times c_i = |dt| for the SDE with kl_dt_scale (the official SDE scale,
+    which beta was tuned for), else 1 (the official CPS KL is the exact one). No ref_mean: no KL term.
+    Inputs: log_prob, old_log_prob, advantages: [B]; mean, ref_mean, old_mean: [B, ...]; std and
+    dt = sigma_next - sigma of the step: floats or one value per sample.
     """
     advantages = advantages.clamp(-adv_clip, adv_clip)
-    ratio = torch.exp(log_prob - old_log_prob)
+    log_ratio = log_prob - old_log_prob
+    if sde_type == "cps":
+        log_ratio = 2 * _one_per_sample(std, log_prob) ** 2 * log_ratio
+    recipe_log_ratio = log_ratio
+    if ratio_norm:
+        log_ratio = normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    per_sample = torch.maximum(unclipped, clipped)
-    return per_sample.mean() if weights is None else (weights * per_sample).sum()
+    surrogate = torch.maximum(unclipped, clipped)
+    if ratio_norm:
+        surrogate = surrogate / _one_per_sample(dt, log_prob).abs()
+    policy_loss = _batch_mean(surrogate, weights)
+    kl = torch.zeros(())
+    if ref_mean is not None:
+        per_sample_kl = gaussian_kl(mean, ref_mean, std)
+        scale = _one_per_sample(dt, log_prob).abs() if sde_type == "sde" and kl_dt_scale else None
+        if scale is not None and scale.ndim:
+            per_sample_kl = per_sample_kl * scale
+        kl = _batch_mean(per_sample_kl, weights)
+        if scale is not None and not scale.ndim:  # one dt for the batch: scaled after the mean, as before
+            kl = kl * scale
+    loss = policy_loss + beta * kl
+    with torch.no_grad():
+        approx_kl = 0.5 * _batch_mean(recipe_log_ratio**2, weights)
+        clip_fraction = _batch_mean(((ratio - 1).abs() > clip_range).float(), weights)
+    return StepObjective(loss, policy_loss, kl, approx_kl, clip_fraction, ratio.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +366,10 @@ class Config:
     adv_clip: float = config_field(5.0, "advantages are clamped to +-adv_clip")
     global_std: bool = config_field(True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)")
     beta: float = config_field(0.01, "KL weight (official: 0.01 PickScore, 0.04 GenEval/OCR)")
-    kl_dt_scale: bool = config_field(True, "KL as the official code, |dt| x the exact KL: the scale beta was tuned for")
+    kl_dt_scale: bool = config_field(
+        True, "sde: KL as the official code, |dt| x the exact KL (beta was tuned for it); cps: exact, as official")
+    ratio_norm: bool = config_field(
+        False, "GRPO-Guard (arXiv 2510.22319): RatioNorm of the log-ratio, 1/|dt| gradient reweighting (sde only)")
     train_fraction: float = config_field(0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never")
     # Optimiser and LoRA
     lr: float = config_field(3e-4, "AdamW learning rate (constant)")
@@ -440,6 +527,7 @@ def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_sca
 class Trajectory(NamedTuple):
     latents: torch.Tensor  # [B, T+1, C, H, W]: x at every sigma, from noise to the final sample
     log_probs: torch.Tensor  # [B, T]: log pi_old(x_{j+1} | x_j) recorded in the rollout
+    means: torch.Tensor  # [B, T, C, H, W]: mean of pi_old(. | x_j), which RatioNorm needs
 
 
 def schedule(pipe, num_steps: int, device):
@@ -451,14 +539,15 @@ def schedule(pipe, num_steps: int, device):
 @torch.no_grad()
 def sample(transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None) -> Trajectory:
     """Run the sampler from pure noise: step j uses noise level noise_levels[j] (0 = ODE)."""
-    trajectory, log_probs = [latents.float()], []
+    trajectory, log_probs, means = [latents.float()], [], []
     x = latents.float()
     for j in range(len(timesteps)):
         v = guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
-        x, log_prob, _, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
+        x, log_prob, mean, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
         trajectory.append(x)
         log_probs.append(log_prob)
-    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1))
+        means.append(mean)
+    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), torch.stack(means, dim=1))
 
 
 def decode_images(pipe, latents):
@@ -477,10 +566,13 @@ def sde_and_trained_steps(cfg: Config, generator):
 
     Flow-GRPO: all steps are SDE; the first int(T * train_fraction) are trained (not the last one,
     whose std ~0.006 makes its log-prob meaningless). Flow-GRPO-Fast (sde_window K): a window of K
-    SDE steps starting at random in the first half, ODE elsewhere; only the window is trained."""
+    SDE steps, ODE elsewhere; only the window is trained. The whole window lies in the first half,
+    start uniform in [0, T // 2 - K], as the official sde_window_range (0, T // 2) (official
+    `config/grpo.py`, the *_fast configs; `flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py`,
+    `pipeline_with_logprob()`: start = randint(range[0], range[1] - K), read from a fork's copy)."""
     if cfg.sde_window:
-        start = int(torch.randint(0, max(1, cfg.num_steps // 2), (1,), generator=generator))
-        window = list(range(start, min(start + cfg.sde_window, cfg.num_steps - 1)))
+        start = int(torch.randint(0, cfg.num_steps // 2 - cfg.sde_window + 1, (1,), generator=generator))
+        window = list(range(start, start + cfg.sde_window))
         return window, window
     return list(range(cfg.num_steps)), list(range(int(cfg.num_steps * cfg.train_fraction)))
 
@@ -656,33 +748,28 @@ class RolloutBatch(NamedTuple):
 
 
 def step_loss(transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config):
-    """The loss of denoising step j of one rollout batch (Eq. 5-6 + beta KL, Eq. 10), weighted per sample,
-    its parts for the log, and the log-ratio log pi_theta - log pi_old."""
+    """The objective of denoising step j of one rollout batch (grpo_step_objective: Eq. 5-6 + beta KL, Eq. 10),
+    weighted per sample; returns the loss, its parts for the log (means over the informative samples) and the
+    ratio of each sample."""
     latents = batch.trajectory.latents
     if weights is None:  # the plain mean over the batch
         weights = torch.full_like(advantages, 1 / len(advantages))
     x = latents[:, j]
     v = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
     out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=latents[:, j + 1])
-    old_log_prob = batch.trajectory.log_probs[:, j]
-    policy_loss = grpo_loss(out.log_prob, old_log_prob, advantages, cfg.clip_range, cfg.adv_clip, weights)
-    kl = torch.zeros_like(policy_loss)
-    if cfg.beta > 0:
+    ref_mean = None
+    if cfg.beta > 0:  # pi_ref: the same network with the LoRA switched off, same CFG
         with torch.no_grad(), transformer.disable_adapter():
             v_ref = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
         ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
-        kl = (weights * gaussian_kl(out.mean, ref_mean, out.std)).sum() * (abs(sigmas[j + 1] - sigmas[j]) if cfg.kl_dt_scale else 1)
-    loss = policy_loss + cfg.beta * kl
-    with torch.no_grad():
-        delta = out.log_prob - old_log_prob
-        informative = weights > 0
-        per_sample = weights.sum()  # turn the weighted sums back into means over the informative samples
-        parts = {
-            "loss": (loss / per_sample).item(), "policy_loss": (policy_loss / per_sample).item(), "kl": (kl / per_sample).item(),
-            "approx_kl": 0.5 * (delta[informative] ** 2).mean().item(),
-            "clip_fraction": ((delta[informative].exp() - 1).abs() > cfg.clip_range).float().mean().item(),
-        }
-    return loss, parts, delta
+    objective = grpo_step_objective(
+        out.log_prob, batch.trajectory.log_probs[:, j], advantages, cfg.clip_range, cfg.adv_clip, sde_type=cfg.sde_type,
+        mean=out.mean, std=out.std, dt=sigmas[j + 1] - sigmas[j], ref_mean=ref_mean, beta=cfg.beta,
+        kl_dt_scale=cfg.kl_dt_scale, ratio_norm=cfg.ratio_norm, old_mean=batch.trajectory.means[:, j], weights=weights,
+    )
+    total = weights.sum()  # the weighted sums back as means over the informative samples
+    parts = {name: (getattr(objective, name) / total).item() for name in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction")}
+    return objective.loss, parts, objective.ratio
 
 
 def make_optimizer(params, cfg: Config):
@@ -813,6 +900,8 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError(f"--noise-level {cfg.noise_level}: use (0, {largest}] for {cfg.sde_type} (0.7 for sde, 0.8 for cps)")
     if cfg.sde_window < 0 or cfg.sde_window > cfg.num_steps // 2:
         raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
+    if cfg.ratio_norm and cfg.sde_type != "sde":
+        raise UsageError("--ratio-norm is defined for --sde-type sde only (as in the official GRPO-Guard script)")
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
 
@@ -1048,10 +1137,10 @@ def train(cfg: Config):
                     progress.update(len(trained_steps))
                     continue  # nothing to learn from this batch (its gradient would be 0)
                 for j in trained_steps:
-                    loss, parts, delta = step_loss(transformer, batches[b], j, mine[b], my_weights[b], sigmas, timesteps, noise_levels, step_fn, cfg)
+                    loss, parts, ratio = step_loss(transformer, batches[b], j, mine[b], my_weights[b], sigmas, timesteps, noise_levels, step_fn, cfg)
                     scaler.scale(loss).backward()
                     if first_ratio_error is None:  # before any update: must be 0 (on-policy)
-                        first_ratio_error = (delta.exp() - 1).abs().max().item()
+                        first_ratio_error = (ratio - 1).abs().max().item()
                     for name, value in parts.items():
                         stats[name].append(value)
                     losses_finite = losses_finite and math.isfinite(parts["loss"])

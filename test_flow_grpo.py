@@ -218,7 +218,7 @@ def test_grpo_loss_on_policy_value_and_gradient():
     """At log_prob == old_log_prob the ratio is 1: L = -mean(A) and dL/dlog_prob = -A / N."""
     log_prob = torch.tensor([-1.0, -2.0, -0.5, -3.0], requires_grad=True)
     advantages = torch.tensor([1.0, -0.5, 7.0, 0.0])
-    loss = F.grpo_loss(log_prob, log_prob.detach(), advantages, clip_range=1e-4, adv_clip=5.0)
+    loss = F.grpo_step_objective(log_prob, log_prob.detach(), advantages, clip_range=1e-4, adv_clip=5.0).loss
     clipped = advantages.clamp(-5, 5)
     assert loss.item() == pytest.approx(-clipped.mean().item())
     (grad,) = torch.autograd.grad(loss, log_prob)
@@ -230,10 +230,165 @@ def test_grpo_loss_clips_the_ratio():
     advantages = torch.tensor([1.0, -1.0])
     # Ratio 1.5 with a positive advantage: the clipped term (1 + eps) wins and has no gradient.
     log_prob = torch.log(torch.tensor([1.5, 1.5])).requires_grad_()
-    loss = F.grpo_loss(log_prob, old, advantages, clip_range=0.2)
+    loss = F.grpo_step_objective(log_prob, old, advantages, clip_range=0.2).loss
     assert loss.item() == pytest.approx((-1.2 + 1.5) / 2, rel=1e-6)
     (grad,) = torch.autograd.grad(loss, log_prob)
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
+
+
+def test_gaussian_kl_takes_a_float_std():
+    g = torch.Generator().manual_seed(11)
+    mean, ref_mean = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    expected = ((mean - ref_mean) ** 2).mean(dim=(1, 2)) / (2 * 0.3**2)
+    torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, 0.3), expected)
+    torch.testing.assert_close(F.gaussian_kl(mean, ref_mean, torch.tensor(0.3)), expected)
+
+
+SD3_SIGMAS = toy_2d.sigma_schedule(10, 3.0).double()  # 1.0, 0.9601, ..., 0.2780, 0.0089, 0
+
+
+@pytest.mark.parametrize("clip_range", [1.0, 1e-3])
+def test_cps_training_ratio_and_gradient_are_the_official_ones(clip_range):
+    """Official CPS (`flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`, sde_type 'cps'): log p =
+    -mean((x' - mean)^2), no variance, no constants. cps_step's log_prob is the proper density; the
+    training ratio and its gradient must still be the official recipe's at every trained step."""
+    g = torch.Generator().manual_seed(12)
+    for j in range(9):
+        x, v_old, noise = (torch.randn(6, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
+        v = (v_old + 0.05 * noise).requires_grad_()
+        advantages = 3 * torch.randn(6, generator=g, dtype=torch.float64)
+        old = F.cps_step(v_old, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, generator=g)
+        new = F.cps_step(v, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, prev_x=old.prev_x)
+        ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, sde_type="cps", mean=new.mean,
+                                     std=new.std, dt=SD3_SIGMAS[j + 1] - SD3_SIGMAS[j])
+
+        def official_log_prob(mean):
+            return -((old.prev_x - mean) ** 2).mean(dim=(1, 2))
+
+        ratio = torch.exp(official_log_prob(new.mean) - official_log_prob(old.mean))
+        a = advantages.clamp(-5, 5)
+        official = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+        torch.testing.assert_close(ours.ratio, ratio.detach(), rtol=0, atol=1e-6)
+        (ours_grad,) = torch.autograd.grad(ours.loss, v, retain_graph=True)
+        (official_grad,) = torch.autograd.grad(official, v)
+        assert official_grad.abs().max() > 0
+        torch.testing.assert_close(ours_grad, official_grad, rtol=1e-6, atol=1e-6)
+
+
+def test_kl_scale_per_sampler_is_the_official_one():
+    """Official KL (`scripts/train_sd3.py`, `main()`): mean((mean - mean_ref)^2) / (2 std_dev_t^2), with
+    std_dev_t = sigma_t = a sqrt(sigma / (1 - sigma)) for the SDE (no sqrt|dt|: |dt| x the exact KL) and
+    std_dev_t = sigma_next sin(a pi / 2), the full transition std, for CPS (the exact KL)."""
+    g = torch.Generator().manual_seed(13)
+    x, v, v_ref = (torch.randn(3, 2, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    sigma, sigma_next = SD3_SIGMAS[[0, 5, 8]], SD3_SIGMAS[[1, 6, 9]]  # one step per sample, the first at sigma = 1
+    advantages = torch.randn(3, generator=g, dtype=torch.float64)
+    for sde_type, step, a in (("sde", F.sde_step, 0.7), ("cps", F.cps_step, 0.8)):
+        theta = step(v, x, sigma, sigma_next, a, generator=g)
+        ref = step(v_ref, x, sigma, sigma_next, a, prev_x=theta.prev_x)
+        if sde_type == "sde":  # at sigma = 1 the official code puts sigma_next (sigmas[1]) in the denominator
+            std_dev_t = a * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+        else:
+            std_dev_t = sigma_next * math.sin(a * math.pi / 2)
+        official = (((theta.mean - ref.mean) ** 2).mean(dim=(1, 2)) / (2 * std_dev_t**2)).mean()
+        exact = F.gaussian_kl(theta.mean, ref.mean, theta.std).mean()
+        for kl_dt_scale in (True, False):
+            ours = F.grpo_step_objective(theta.log_prob, theta.log_prob.detach(), advantages, 1e-4, sde_type=sde_type,
+                                         mean=theta.mean, std=theta.std, dt=sigma_next - sigma, ref_mean=ref.mean,
+                                         beta=0.3, kl_dt_scale=kl_dt_scale)
+            expected = official if kl_dt_scale or sde_type == "cps" else exact
+            assert ours.kl.item() == pytest.approx(expected.item(), rel=1e-6)
+            assert ours.loss.item() == pytest.approx(ours.policy_loss.item() + 0.3 * expected.item(), rel=1e-6)
+    assert official.item() == pytest.approx(exact.item(), rel=1e-6)  # CPS: the official KL is the exact one
+
+
+def test_ratio_norm_centres_the_log_ratio_at_every_step():
+    """GRPO-Guard's claim, on 10-step SD3-schedule rollouts of the exact velocity of N(m, s^2 I) data in
+    16 dims, scored under the velocity of slightly different data (m + 0.2, 1.1 s). Given x_t, the
+    plain per-step log-ratio has the closed-form mean -mean(delta^2) / (2 std^2) < 0 (delta: the change
+    of the transition mean); the normalised one has mean 0 at every step, and its spread differs less
+    from step to step."""
+    g = torch.Generator().manual_seed(14)
+    n, m, s = 40_000, torch.linspace(-1, 2, 16, dtype=torch.float64), 0.5
+    x = torch.randn(n, 16, generator=g, dtype=torch.float64)
+    spreads = {"plain": [], "normalised": []}
+    for j in range(9):
+        sigma, sigma_next = SD3_SIGMAS[j].item(), SD3_SIGMAS[j + 1].item()
+        old = F.sde_step(gaussian_target_velocity(x, sigma, m, s), x, sigma, sigma_next, 0.7, generator=g)
+        v_perturbed = gaussian_target_velocity(x, sigma, m + 0.2, 1.1 * s)
+        new = F.sde_step(v_perturbed, x, sigma, sigma_next, 0.7, prev_x=old.prev_x)
+        plain = new.log_prob - old.log_prob
+        normalised = F.normalised_log_ratio(new.log_prob, old.log_prob, new.mean, old.mean, new.std)
+        closed_form = -((new.mean - old.mean) ** 2).mean(dim=1) / (2 * new.std**2)
+        plain_error = (plain - closed_form).std() / math.sqrt(n)
+        assert abs(plain.mean() - closed_form.mean()) < 4 * plain_error, j
+        assert closed_form.mean() < -3 * plain_error, j  # the bias below ratio 1 is real at every step
+        assert abs(normalised.mean()) < 4 * normalised.std() / math.sqrt(n), j
+        spreads["plain"].append(plain.std().item())
+        spreads["normalised"].append(normalised.std().item())
+        x = old.prev_x
+    max_over_min = {name: max(v) / min(v) for name, v in spreads.items()}
+    print(f"per-step spread of the log-ratio, max/min over steps 0-8: {max_over_min}")
+    assert max_over_min["normalised"] < max_over_min["plain"]
+
+
+def test_ratio_norm_objective_is_the_official_grpo_guard_one():
+    """Official `scripts/train_sd3_GRPO_Guard.py` (config.rationorm), computed directly: with
+    std_dev_t = sigma_t and sqrt_dt = sqrt(|dt|), bias = mean((mean - mean_old)^2) / (2 (sqrt_dt sigma_t)^2),
+    ratio = exp((log p - log p_old + bias) sqrt_dt sigma_t), policy_loss = mean(clipped surrogate) / sqrt_dt^2."""
+    g = torch.Generator().manual_seed(15)
+    x, v_old, noise = (torch.randn(5, 2, 6, generator=g, dtype=torch.float64) for _ in range(3))
+    v = (v_old + 0.3 * noise).requires_grad_()
+    advantages = 2 * torch.randn(5, generator=g, dtype=torch.float64)
+    sigma, sigma_next, a, clip_range = SD3_SIGMAS[6], SD3_SIGMAS[7], 0.7, 7e-3
+    old = F.sde_step(v_old, x, sigma, sigma_next, a, generator=g)
+    new = F.sde_step(v, x, sigma, sigma_next, a, prev_x=old.prev_x)
+    ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, mean=new.mean, std=new.std,
+                                 dt=sigma_next - sigma, ratio_norm=True, old_mean=old.mean)
+    sigma_t, sqrt_dt = a * torch.sqrt(sigma / (1 - sigma)), torch.sqrt(sigma - sigma_next)
+
+    def log_prob(mean):
+        return torch.distributions.Normal(mean, sqrt_dt * sigma_t).log_prob(old.prev_x).mean(dim=(1, 2))
+
+    bias = ((new.mean - old.mean) ** 2).mean(dim=(1, 2)) / (2 * (sqrt_dt * sigma_t) ** 2)
+    ratio = torch.exp((log_prob(new.mean) - log_prob(old.mean) + bias) * sqrt_dt * sigma_t)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    official = surrogate.mean() / sqrt_dt**2
+    torch.testing.assert_close(ours.ratio, ratio.detach(), rtol=0, atol=1e-6)
+    assert ours.policy_loss.item() == pytest.approx(official.item(), rel=1e-6)
+    (ours_grad,) = torch.autograd.grad(ours.loss, v, retain_graph=True)
+    (official_grad,) = torch.autograd.grad(official, v)
+    torch.testing.assert_close(ours_grad, official_grad, rtol=1e-6, atol=1e-6)
+    assert (ours.ratio - 1).abs().max() > clip_range and (ours.ratio - 1).abs().min() < clip_range  # both branches
+
+
+def test_objective_weights_drop_samples_and_the_loss_is_policy_plus_beta_kl():
+    """weights = mask / mask.sum() gives exactly the objective of the kept samples alone (loss, parts and
+    gradient); no weights is the uniform mean."""
+    g = torch.Generator().manual_seed(16)
+    log_prob = torch.randn(6, generator=g).requires_grad_()
+    old, advantages = log_prob.detach() + 0.1 * torch.randn(6, generator=g), torch.randn(6, generator=g)
+    mean, ref_mean = torch.randn(6, 4, generator=g).requires_grad_(), torch.randn(6, 4, generator=g)
+    keep = torch.tensor([True, False, True, True, False, True])
+    common = dict(clip_range=0.05, std=0.3, dt=-0.1, beta=0.2)
+    weighted = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
+                                     weights=keep.float() / keep.sum(), **common)
+    alone = F.grpo_step_objective(log_prob[keep], old[keep], advantages[keep], mean=mean[keep], ref_mean=ref_mean[keep],
+                                  **common)
+    for name in F.StepObjective._fields[:-1]:
+        assert getattr(weighted, name).item() == pytest.approx(getattr(alone, name).item(), rel=1e-6, abs=1e-7), name
+    grads_weighted = torch.autograd.grad(weighted.loss, (log_prob, mean))
+    grads_alone = torch.autograd.grad(alone.loss, (log_prob, mean))
+    for weighted_grad, alone_grad in zip(grads_weighted, grads_alone):
+        assert torch.all(weighted_grad[~keep] == 0)
+        torch.testing.assert_close(weighted_grad, alone_grad)  # alone indexes the same leaves: 0 where dropped
+    uniform = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
+                                    weights=torch.full((6,), 1 / 6), **common)
+    default = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean, **common)
+    torch.testing.assert_close(uniform.loss, default.loss)
+    assert default.loss.item() == pytest.approx(default.policy_loss.item() + 0.2 * default.kl.item(), rel=1e-6)
+    kl_by_hand = ((mean - ref_mean) ** 2).mean(dim=1) / (2 * 0.3**2) * 0.1  # the SDE's |dt| scale by default
+    assert default.kl.item() == pytest.approx(kl_by_hand.mean().item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1016,7 +1171,7 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
     ours = lora_gradient(transformer, loss)
     # The official way: drop the constant group's samples, then the plain mean over those left.
     kept = F.RolloutBatch(batch.prompts[2:], F.TextEmbeddings(*(torch.cat([t[:4][2:], t[4:][2:]]) for t in batch.text)),
-                          F.Trajectory(batch.trajectory.latents[2:], batch.trajectory.log_probs[2:]))
+                          F.Trajectory(*(t[2:] for t in batch.trajectory)))
     loss, _, _ = F.step_loss(transformer, kept, 1, advantages[2:], None, sigmas, timesteps, levels, F.sde_step, cfg)
     dropped = lora_gradient(transformer, loss)
     assert dropped.abs().max() > 0
@@ -1036,8 +1191,8 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
         batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg, latent_side=32)
         weights = F.loss_weights(advantages.repeat(12), [list(range(12))], num_trained_steps=9, world=1, batch_size=4)[0, 0]
         levels = [cfg.noise_level] * cfg.num_steps
-        loss, _, delta = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
-        assert torch.all(delta == 0)
+        loss, _, ratio = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+        assert torch.all(ratio == 1)
         scaler = F.grad_scaler(dtype, torch.device("cpu"))  # what train() uses for this dtype
         assert scaler.is_enabled() == (dtype == torch.float16)
         grads[dtype] = lora_gradient(transformer, scaler.scale(loss)) / scaler.get_scale()
@@ -1209,13 +1364,15 @@ def test_vae_decodes_in_fp32_under_bf16(tmp_path):
 
 
 def test_window_steps_are_consecutive_in_the_first_half():
+    # Official: start = randint(0, T // 2 - K) (both ends included), window [start, start + K).
     cfg = F.Config(num_steps=10, sde_window=3)
     starts = set()
     for seed in range(40):
         sde, trained = F.sde_and_trained_steps(cfg, torch.Generator().manual_seed(seed))
         assert sde == trained == list(range(sde[0], sde[0] + 3))
+        assert max(sde) < 10 // 2  # the whole window in the first half: steps 0..4 of 10
         starts.add(sde[0])
-    assert starts == {0, 1, 2, 3, 4}
+    assert starts == {0, 1, 2}
     sde, trained = F.sde_and_trained_steps(F.Config(num_steps=10), torch.Generator())
     assert sde == list(range(10)) and trained == list(range(9))  # the last step is never trained
 
@@ -1232,6 +1389,43 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     levels = [0.8 if j in sde else 0.0 for j in range(6)]
     trajectory = F.sample(run.transformer, text, torch.randn(4, 16, 8, 8), sigmas, timesteps, 4.5, levels, F.cps_step)
     assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
+
+
+def spy_on_objective(monkeypatch):
+    """The keyword arguments of every grpo_step_objective call that train() makes."""
+    calls = []
+    real_objective = F.grpo_step_objective
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real_objective(*args, **kwargs)
+
+    monkeypatch.setattr(F, "grpo_step_objective", spy)
+    return calls
+
+
+def test_cps_run_trains_with_the_cps_weighting_and_kl_scale(tmp_path, monkeypatch):
+    calls = spy_on_objective(monkeypatch)
+    F.train(tiny_config(tmp_path / "out", sde_type="cps", noise_level=0.8))
+    assert len(calls) == 6 and all(call["sde_type"] == "cps" and call["ref_mean"] is not None for call in calls)
+
+
+def test_ratio_norm_run_scores_against_the_rollout_means(tmp_path, monkeypatch):
+    calls = spy_on_objective(monkeypatch)
+    cfg = tiny_config(tmp_path / "out", ratio_norm=True)
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    assert len(calls) == 6 and all(call["ratio_norm"] and call["sde_type"] == "sde" for call in calls)  # 2 batches x 3
+    # Before any update the rollout's recorded mean of step j is exactly the training forward's.
+    assert torch.equal(calls[0]["old_mean"], calls[0]["mean"].detach())
+    assert not torch.equal(calls[-1]["old_mean"], calls[-1]["mean"].detach())  # after the first update
+
+
+def test_ratio_norm_is_refused_for_cps():
+    cfg = F.Config(sde_type="cps", noise_level=0.8, ratio_norm=True)
+    with pytest.raises(F.UsageError, match="--ratio-norm is defined for --sde-type sde only"):
+        F.check_config(cfg, F.Distributed(0, 1, torch.device("cpu")))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1540,14 +1734,14 @@ def test_a_second_run_on_the_folder_is_refused_and_ctrl_c_prints_how_to_continue
 
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_loss = F.grpo_loss
+    real_objective = F.grpo_step_objective
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * math.nan if calls["n"] == 1 or calls["n"] > 6 else loss
+        objective = real_objective(*args, **kwargs)
+        return objective._replace(loss=objective.loss * math.nan) if calls["n"] == 1 or calls["n"] > 6 else objective
 
-    monkeypatch.setattr(F, "grpo_loss", sometimes_nan)
+    monkeypatch.setattr(F, "grpo_step_objective", sometimes_nan)
     # 2 batches x 3 trained steps = 6 backwards per step, 2 updates: the first update of step 1 is
     # poisoned, the second is fine; from step 2 on every update is poisoned.
     cfg = tiny_config(tmp_path / "out", max_steps=4, save_every=1)

@@ -2,7 +2,7 @@
 
 A small MLP velocity field is pretrained by rectified flow matching on 8 Gaussians on a ring, then
 fine-tuned with Flow-GRPO through the very functions of flow_grpo.py (sde_step, group_advantages,
-grpo_loss, gaussian_kl) toward a reward that can be hacked: minus the distance to one point. The
+grpo_step_objective) toward a reward that can be hacked: minus the distance to one point. The
 script measures the paper's three claims, prints them as a table and writes <out>/toy.json:
   (a) the SDE of Eq. 8 (any noise level) and CPS sample the same marginals as the ODE;
   (b) denoising reduction: 10 rollout steps reach the reward of 40 steps at several times less time;
@@ -54,6 +54,7 @@ class Config:
     target_x: float = 2.0  # reward = -||x - target||; (2, 0) is the centre of mode 0
     target_y: float = 0.0
     eval_every: int = 10
+    ratio_norm: bool = False  # add a row: the beta run with GRPO-Guard's RatioNorm (flow_grpo.normalised_log_ratio)
 
 
 def generator(cfg, stream):
@@ -64,8 +65,8 @@ def generator(cfg, stream):
 def parse_args() -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"default: {f.default}")
+        kind = {"action": argparse.BooleanOptionalAction} if type(f.default) is bool else {"type": type(f.default)}
+        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=f.default, help=f"default: {f.default}")
     return Config(**vars(parser.parse_args()))
 
 
@@ -185,8 +186,9 @@ def evaluate(model, cfg, n=None):
 # --------------------------------------------------------------------------------------------------
 
 
-def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen):
-    """One epoch: G rollouts per prompt, group-relative advantages, clipped surrogate + beta * KL.
+def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
+    """One epoch: G rollouts per prompt, group-relative advantages, clipped surrogate + beta * KL
+    (flow_grpo.grpo_step_objective, with the exact KL: |dt| stays in the variance).
 
     A "prompt" is a label c: the G samples of a group share it, so each group's baseline is the mean
     reward under its label. The labels differ in reachable reward (mode 0, the target, belongs to
@@ -198,6 +200,10 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen):
     xs, old_log_probs = rollout(policy, labels, sigmas, cfg.noise_level, gen)
     advantages = flow_grpo.group_advantages(reward(xs[-1], cfg), group_ids)
     n_train = len(sigmas) - 2  # the last step (std ~ 0.006) is never trained, as in the paper
+    if ratio_norm:  # RatioNorm needs the rollout's transition means: the policy has not moved yet
+        with torch.no_grad():
+            old_means = torch.stack([flow_grpo.sde_step(policy(xs[i], sigmas[i], labels), xs[i], sigmas[i],
+                                                        sigmas[i + 1], cfg.noise_level).mean for i in range(n_train)])
     clipped = []
     for batch in torch.randperm(len(labels), generator=gen).chunk(cfg.minibatches):
         # All trained timesteps of the minibatch in one forward pass of n_train * len(batch) rows.
@@ -206,17 +212,20 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen):
         sigma_next = sigmas[1 : n_train + 1].repeat_interleave(len(batch))
         lab = labels[batch].repeat(n_train)
         out = flow_grpo.sde_step(policy(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level, prev_x=prev_x)
-        old = old_log_probs[:n_train, batch].reshape(-1)
-        loss = flow_grpo.grpo_loss(out.log_prob, old, advantages[batch].repeat(n_train), cfg.clip_range, cfg.adv_clip)
+        ref_mean = None
         if beta > 0:
             with torch.no_grad():
                 ref_mean = flow_grpo.sde_step(base(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level).mean
-            loss = loss + beta * flow_grpo.gaussian_kl(out.mean, ref_mean, out.std).mean()
+        old_mean = old_means[:, batch].reshape(-1, 2) if ratio_norm else None
+        objective = flow_grpo.grpo_step_objective(
+            out.log_prob, old_log_probs[:n_train, batch].reshape(-1), advantages[batch].repeat(n_train), cfg.clip_range,
+            cfg.adv_clip, mean=out.mean, std=out.std, dt=sigma_next - sigma, ref_mean=ref_mean, beta=beta,
+            kl_dt_scale=False, ratio_norm=ratio_norm, old_mean=old_mean)
         opt.zero_grad()
-        loss.backward()
+        objective.loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
         opt.step()
-        clipped.append(((out.log_prob - old).exp() - 1).abs().gt(cfg.clip_range).float().mean().item())
+        clipped.append(objective.clip_fraction.item())
     return sum(clipped) / len(clipped)
 
 
@@ -236,7 +245,7 @@ def mean_step_kl(policy, base, cfg, n=2000):
     return sum(kls) / len(kls)
 
 
-def run_grpo(base, cfg, rollout_steps=None, beta=None, epochs=None, n_eval=1000):
+def run_grpo(base, cfg, rollout_steps=None, beta=None, epochs=None, n_eval=1000, ratio_norm=False):
     """Fine-tune a copy of `base`. Returns the policy and its curve: the reward of the 40-step ODE on
     n_eval samples every eval_every epochs (entry 0 = before training) against training seconds."""
     rollout_steps = rollout_steps or cfg.rollout_steps
@@ -255,7 +264,7 @@ def run_grpo(base, cfg, rollout_steps=None, beta=None, epochs=None, n_eval=1000)
                           "clip_frac": clip_frac})
         if epoch < epochs:
             start = time.perf_counter()
-            clip_frac = grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen)
+            clip_frac = grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm)
             seconds += time.perf_counter() - start
     return policy.requires_grad_(False), curve
 
@@ -289,6 +298,8 @@ def main(cfg):
     runs = {"pretrained": None, f"{cfg.rollout_steps} steps, beta={cfg.beta}": (cfg.rollout_steps, cfg.beta),
             f"{cfg.eval_steps} steps, beta={cfg.beta}": (cfg.eval_steps, cfg.beta),
             f"{cfg.rollout_steps} steps, beta=0": (cfg.rollout_steps, 0.0)}
+    if cfg.ratio_norm:
+        runs[f"ratio-norm, beta={cfg.beta}"] = (cfg.rollout_steps, cfg.beta, None, 1000, True)
     samples = {"data": data}
     for name, setting in runs.items():
         model, curve = (base, []) if setting is None else run_grpo(base, cfg, *setting)
