@@ -1216,6 +1216,54 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
 
 
+# --------------------------------------------------------------------------- GPU memory
+
+ALLOCATOR_PROBE = """
+import builtins, os, sys
+seen = []
+real_import = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name == "torch" and "torch" not in sys.modules:
+        seen.append(os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = spy
+import flow_grpo
+print(seen[0], os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+"""
+
+
+def test_cuda_allocator_gets_expandable_segments_before_torch_unless_the_user_set_it():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    res = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(F.__file__)))
+    assert res.stdout.split() == ["expandable_segments:True"] * 2  # already set when torch was first imported
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    F.default_cuda_allocator(mine)
+    assert mine == {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
+    newer = {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}  # torch's newer name, read first
+    F.default_cuda_allocator(newer)
+    assert newer == {"PYTORCH_ALLOC_CONF": "expandable_segments:False"}
+
+
+def test_gpu_memory_is_logged_per_step_as_the_allocator_and_the_device_see_it(tmp_path, monkeypatch):
+    gib, resets = 2**30, []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (30 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 14 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 15 * gib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    assert F.gpu_memory(torch.device("cuda")) == {
+        "gpu_allocated_peak_gib": 14.0, "gpu_reserved_peak_gib": 15.0, "gpu_device_used_gib": 50.0}
+    assert resets == [torch.device("cuda")]  # the next step reports its own peak
+    assert F.gpu_memory(torch.device("cpu")) == {}
+    calls = []
+    monkeypatch.setattr(F, "gpu_memory", lambda device: calls.append(device) or {"gpu_allocated_peak_gib": len(calls)})
+    F.train(tiny_config(tmp_path / "out", max_steps=2))
+    assert [r["gpu_allocated_peak_gib"] for r in read_metrics(tmp_path / "out")] == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------------
 # Reliability: exact resume, bad input, numerical guards
 # ------------------------------------------------------------------------------------------------
