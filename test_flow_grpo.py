@@ -1216,7 +1216,7 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     assert [bool((trajectory.log_probs[:, j] != 0).all()) for j in range(6)] == [j in sde for j in range(6)]
 
 
-# --------------------------------------------------------------------------- GPU memory
+# --------------------------------------------------------------------------- GPU memory, the no-download benchmark
 
 ALLOCATOR_PROBE = """
 import builtins, os, sys
@@ -1262,6 +1262,39 @@ def test_gpu_memory_is_logged_per_step_as_the_allocator_and_the_device_see_it(tm
     monkeypatch.setattr(F, "gpu_memory", lambda device: calls.append(device) or {"gpu_allocated_peak_gib": len(calls)})
     F.train(tiny_config(tmp_path / "out", max_steps=2))
     assert [r["gpu_allocated_peak_gib"] for r in read_metrics(tmp_path / "out")] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(F.__file__)), ".ci", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_builds_sd35_medium_and_pickscore_at_the_published_sizes(bench_script):
+    pipe = bench_script.build_sd35_medium("meta")
+    pickscore, _ = bench_script.build_pickscore("meta")
+    counts = bench_script.parameter_counts(pipe, pickscore)
+    # Issue 13's counts, in billions to the thousandth, measured on the real checkpoints.
+    published = {"transformer": 2.243, "T5-XXL encoder": 4.762, "CLIP-bigG": 0.695, "CLIP-L": 0.124, "VAE": 0.084,
+                 "PickScore (CLIP-H)": 0.986}
+    assert {name: round(n / 1e9, 3) for name, n in counts.items()} == published
+    assert all(p.is_meta for m in (pipe.transformer, pipe.text_encoder_3, pickscore) for p in m.parameters())
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.config.latent_channels == 16
+
+
+def test_benchmark_peak_of_known_gpus_by_name(bench_script):
+    assert bench_script.peak_tflops("NVIDIA H100 80GB HBM3") == 989  # the SXM card
+    assert bench_script.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert bench_script.peak_tflops("NVIDIA H200") == 989
+    assert bench_script.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bench_script.peak_tflops("NVIDIA GeForce RTX 4090") == 165
+    assert bench_script.peak_tflops("Some Future GPU") is None
+    assert bench_script.peak_tflops("NVIDIA H100 PCIe", override=700) == 700
 
 
 # ------------------------------------------------------------------------------------------------
