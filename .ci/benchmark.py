@@ -1,9 +1,15 @@
 """Benchmark of one Flow-GRPO step, by phase (rollout, reward, train), for four comparisons.
 
     python .ci/benchmark.py                  # CPU, tiny random model: about 1 min on 2 cores
+    python .ci/benchmark.py --model sd3.5-medium --random-weights
+                                             # a GPU, nothing downloaded: SD3.5-Medium and PickScore built
+                                             # at their real sizes with random weights; the README's two
+                                             # recipes (default, 24 GB), 512 px, group 8 x 2 prompts
+    python .ci/benchmark.py --dry-run        # any machine: those models on the meta device, their
+                                             # parameter counts and the FLOPs of one step
     python .ci/benchmark.py --model sd3.5-medium --precompute-text-embeds --gradient-checkpointing
-                                             # on a GPU (512 px): real numbers for SD3.5-Medium; add
-                                             # --only 1,2,3 on a 24 GB card (live T5-XXL may not fit)
+                                             # on a GPU (512 px) with the downloaded model: the four
+                                             # comparisons below; --only 1,2,3 on a 24 GB card
 
 It times exactly what train() times: each configuration is a real `flow_grpo.train(cfg)` run of
 --steps steps, and the seconds_rollout / seconds_reward / seconds_train that train() writes to
@@ -21,11 +27,21 @@ Expected cost model, in forwards of the transformer on ONE input (one latent + i
   reward  = VAE decode + reward model of the same images: the same in every comparison
 b (a backward in forwards) is nominally 2; it cancels in every ratio below. The text encoding cost
 is converted to transformer forwards with FLOP counts (torch.utils.flop_counter) of one batch.
-A benchmark, not a test: nothing is asserted about timings. On a CUDA device it also prints images/s
-in the rollout, trained steps/s and torch.cuda.max_memory_allocated per configuration.
+A benchmark, not a test: nothing is asserted about timings. Every run also prints, per configuration,
+seconds per phase and per step, images/s, the transformer's TFLOP/s in the rollout and the training
+(FLOPs counted with torch.utils.flop_counter on one input; on a GPU also as a fraction of its dense
+bf16 peak, from PEAK_TFLOPS or --peak-tflops), the GPU memory train() logs (peak allocated, peak
+reserved, in use on the device) and the extra time of the first step (compilation, warm-up).
+
+--random-weights: the training command keeps `tiny` as its only random model, so a user never trains
+a random SD3.5 by mistake. Here, inside the benchmark process only, flow_grpo.load_pipeline is
+replaced by a builder of SD3.5-Medium from its published configs with random weights, and PickScore
+(CLIP-H) is built the same way and saved to a temporary folder passed as --reward-model-dir. Memory
+and speed depend on the shapes, not on the weights.
 """
 import argparse
 import contextlib
+import dataclasses
 import gc
 import io
 import json
@@ -37,12 +53,13 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-
-import flow_grpo as fg  # noqa: E402
+# flow_grpo first: it sets the CUDA allocator's variable before torch is imported.
+import flow_grpo as fg  # noqa: I001
+import torch
 
 TOLERANCE = 0.25  # explain a measured ratio that is more than 25% away from the expected one
 PHASES = ("rollout", "reward", "train")
@@ -68,31 +85,222 @@ REASONS = {
 }
 REWARD_REASON = "same images, same decode and reward: a short phase, so this is timing noise"
 
+# The README's recipes on one GPU (512 px), on top of flow_grpo's GPU defaults (bf16, T = 10, CFG 4.5).
+RECIPES = {
+    "default": {"precompute_text_embeds": False, "gradient_checkpointing": False},
+    "24gb": {"precompute_text_embeds": True, "gradient_checkpointing": True},
+}
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this order on
+# torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card. --peak-tflops overrides.
+PEAK_TFLOPS = [
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
+    ("L40S", 362.0), ("RTX 4090", 165.0),
+]
+
+# SD3.5-Medium as published (stabilityai/stable-diffusion-3.5-medium, the config.json of transformer/, vae/,
+# text_encoder/ (CLIP-L), text_encoder_2/ (CLIP-bigG) and text_encoder_3/ (T5-v1.1-XXL encoder)) and PickScore
+# (yuvalkirstain/PickScore_v1, a CLIP-ViT-H/14). Vocabulary tables at their real sizes.
+SD35_MEDIUM = {
+    "transformer": dict(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305),
+    "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
+    "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
+    "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+               relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False),
+}
+PICKSCORE = dict(
+    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     max_position_embeddings=77, hidden_act="gelu"),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
+                       image_size=224, hidden_act="gelu"),
+    projection_dim=1024,
+)
+TEXT_TOKENS = 77 + 128  # per transformer input: CLIP padded to 77, T5 to the 128 of flow_grpo.encode_prompts
+
+
+@contextlib.contextmanager
+def building_on(device, dtype):
+    """Modules constructed inside are created on `device` in `dtype` and initialised at random (on the GPU: fast and
+    without an fp32 copy; on `meta`: shapes only, no memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def as_loaded(module, dtype, park):
+    """The state from_pretrained(dtype=...) leaves a model in: eval mode, every floating tensor (SD3's fp32 position
+    table too) in `dtype` but the modules transformers keeps in fp32 under fp16 (T5's `wo`), on `park`."""
+    torch.nn.Module.to(module, dtype=dtype)  # nn.Module's: diffusers' .to() warns about an empty fp32 list
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    if dtype == torch.float16:
+        for name, sub in module.named_modules():
+            if name.rsplit(".", 1)[-1] in keep:
+                sub.float()
+    module.eval()
+    return module.to(park) if park else module
+
+
+def clip_text_config(settings, tokenizer):
+    from transformers import CLIPTextConfig
+
+    # CLIP pools at eos_token_id: the tiny tokenizer's ids, or the wrong token is pooled (same shapes either way).
+    return CLIPTextConfig(**settings, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
+    """SD3.5-Medium's pipeline at its real size with random weights, each component built on `device` and then moved
+    to `park` (the GPU builds in seconds; parked on the CPU, the pipeline is where from_pretrained leaves it, and
+    train() moves it as it would the real one). Nothing is downloaded: the tokenizers are flow_grpo's tiny ones, whose
+    few hundred ids index the real-size vocabulary tables; the pipeline pads every prompt to the real lengths (77 CLIP,
+    128 T5 tokens), so every tensor of the models has its real shape."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        clip_tokenizer = fg.build_tiny_clip_tokenizer(folder + "/clip")
+        t5_tokenizer = fg.build_tiny_t5_tokenizer(folder + "/t5")
+    parts = {}
+    with building_on(device, dtype):
+        parts["transformer"] = as_loaded(SD3Transformer2DModel(**SD35_MEDIUM["transformer"]), dtype, park)
+    with building_on(device, dtype):
+        parts["vae"] = as_loaded(AutoencoderKL(**SD35_MEDIUM["vae"]), dtype, park)
+    for name, settings in (("text_encoder", SD35_MEDIUM["clip_l"]), ("text_encoder_2", SD35_MEDIUM["clip_g"])):
+        with building_on(device, dtype):
+            parts[name] = as_loaded(CLIPTextModelWithProjection(clip_text_config(settings, clip_tokenizer)), dtype, park)
+    with building_on(device, dtype):
+        t5_config = T5Config(**SD35_MEDIUM["t5"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        parts["text_encoder_3"] = as_loaded(T5EncoderModel(t5_config), dtype, park)
+    return StableDiffusion3Pipeline(
+        **parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
+        tokenizer_3=t5_tokenizer)
+
+
+def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
+    """PickScore (CLIP-H/14) at its real size with random weights, and a CLIPProcessor (224 px, tiny tokenizer)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = fg.build_tiny_clip_tokenizer(folder)
+    text_config = clip_text_config(PICKSCORE["text_config"], tokenizer).to_dict()
+    with building_on(device, dtype):
+        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=PICKSCORE["vision_config"],
+                                     projection_dim=PICKSCORE["projection_dim"]))
+    size = PICKSCORE["vision_config"]["image_size"]
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return as_loaded(model, dtype, park), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def parameter_counts(pipe, pickscore):
+    """Parameters of each component (buffers such as SD3's 0.226 B position table not counted)."""
+    parts = {"transformer": pipe.transformer, "T5-XXL encoder": pipe.text_encoder_3, "CLIP-bigG": pipe.text_encoder_2,
+             "CLIP-L": pipe.text_encoder, "VAE": pipe.vae, "PickScore (CLIP-H)": pickscore}
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+def use_random_weights(args, device):
+    """--random-weights, in this process only (flow_grpo's CLI has no random SD3.5): flow_grpo.load_pipeline builds
+    SD3.5-Medium on `device` and parks it on the CPU; PickScore is built the same way and saved to a temporary folder
+    passed as --reward-model-dir (rewards.py loads it as it would the real one). Returns that folder ('' if none)."""
+
+    def load_random_sd35_medium(model, dtype):
+        assert model == "sd3.5-medium", model
+        pipe = build_sd35_medium(device, dtype, park="cpu")
+        if device.type == "cuda":  # from_pretrained never touches the GPU: neither may the build, in the memory figures
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        return pipe
+
+    fg.load_pipeline = load_random_sd35_medium
+    if "pickscore" not in args.reward or "pickscore=" in args.reward_model_dir:
+        return ""
+    folder = tempfile.mkdtemp(prefix="bench_pickscore_")
+    model, processor = build_pickscore(device, torch.bfloat16, park="cpu")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    args.reward_model_dir = ",".join(filter(None, [args.reward_model_dir, f"pickscore={folder}"]))
+    return folder
+
+
+def peak_tflops(device_name, override=0.0):
+    if override:
+        return override
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in device_name), None)
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="On a GPU pass --model sd3.5-medium (or a local diffusers folder) --resolution 512.")
     p.add_argument("--model", default="tiny", help="tiny (random CPU model, default); on a GPU: sd3.5-medium or a local folder")
+    p.add_argument("--random-weights", action="store_true",
+                   help="with --model sd3.5-medium, on a GPU: build SD3.5-Medium and PickScore at their real sizes with "
+                        "random weights (nothing downloaded)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build those models on the meta device (any machine), print their parameter counts and the FLOPs "
+                        "of one step, and stop")
+    p.add_argument("--recipes", default=None,
+                   help=f"configurations to run, from {', '.join(RECIPES)}; append +compile for --compile "
+                        "(default: default,24gb with --random-weights, none otherwise)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (default: from a table of known GPUs)")
     p.add_argument("--resolution", type=int, default=0, help="default: 64 for tiny, 512 otherwise")
-    p.add_argument("--reward", default="jpeg_compressibility", help="reward spec (default needs no model)")
-    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--reward", default=None, help="reward spec (default: jpeg_compressibility, which needs no model; "
+                                                  "pickscore with --random-weights)")
+    p.add_argument("--reward-model-dir", default="", help="as flow_grpo's --reward-model-dir")
+    p.add_argument("--group-size", type=int, default=None, help="default 4; 8 with --random-weights")
     p.add_argument("--groups-per-step", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (x2 transformer inputs with CFG)")
     p.add_argument("--beta", type=float, default=0.01, help="KL weight; > 0 adds one reference forward per trained step")
     p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--precompute-text-embeds", action="store_true", help="use precomputed embeddings in the base config")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=5, help="steps per configuration; step 1 is warm-up and not averaged")
-    p.add_argument("--only", default="1,2,3,4", help="which comparisons to run, e.g. 1,3")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per configuration (default 5; 3 with --random-weights); step 1 is warm-up and not averaged")
+    p.add_argument("--only", default=None, help="which comparisons to run, e.g. 1,3 (default: 1,2,3,4; none with --random-weights)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: a tiny model's ops are too small to split, and 2 OpenMP threads "
                         "sharing 2 cores with another process measured up to 10x slower; 0 = torch's default)")
     p.add_argument("--keep", default="", help="keep the runs' output folders under this folder")
     args = p.parse_args(argv)
+    if args.dry_run:
+        args.random_weights, args.model = True, "sd3.5-medium" if args.model == "tiny" else args.model
+    if args.random_weights and args.model != "sd3.5-medium":
+        p.error(f"--random-weights builds sd3.5-medium only, not '{args.model}'")
+    if args.random_weights and not args.dry_run and not torch.cuda.is_available():
+        p.error("--random-weights needs a CUDA GPU (8 B parameters); --dry-run prints the parameter counts on any machine")
+    random = args.random_weights
+    args.steps = args.steps if args.steps is not None else (3 if random else 5)
     if args.steps < 2:
         p.error("--steps must be at least 2 (step 1 is warm-up)")
     args.resolution = args.resolution or (64 if args.model == "tiny" else 512)
-    args.only = sorted({int(c) for c in args.only.split(",") if c.strip()})
+    args.reward = args.reward or ("pickscore" if random else "jpeg_compressibility")
+    args.group_size = args.group_size or (8 if random else 4)
+    only = args.only if args.only is not None else ("" if random else "1,2,3,4")
+    args.only = sorted({int(c) for c in only.split(",") if c.strip()})
+    recipes = args.recipes if args.recipes is not None else ("default,24gb" if random else "")
+    args.recipes = [r.strip() for r in recipes.split(",") if r.strip()]
+    compile_field = any(f.name == "compile" for f in dataclasses.fields(fg.Config))
+    for recipe in args.recipes:
+        name, _, extra = recipe.partition("+")
+        if name not in RECIPES or extra not in ("", "compile"):
+            p.error(f"--recipes {recipe}: use {', '.join(RECIPES)}, each optionally followed by +compile")
+        if extra and not compile_field:
+            p.error(f"--recipes {recipe}: this flow_grpo.py has no --compile")
     return args
 
 
@@ -121,6 +329,9 @@ def configurations(args):
             key = json.dumps(variants[name], sort_keys=True)
             names[name] = seen.setdefault(key, name)
     runs = {name: variants[name] for name in dict.fromkeys(names.values())}
+    for recipe in args.recipes:  # the README's recipes: flow_grpo's defaults + the recipe's memory flags
+        name, _, extra = recipe.partition("+")
+        runs[recipe] = {**variants["base"], **RECIPES[name], **({"compile": True} if extra == "compile" else {})}
     return runs, [(key, title, names[num], names[den]) for key, title, num, den in chosen]
 
 
@@ -128,12 +339,15 @@ def make_config(args, overrides, folder):
     eval_prompts = os.path.join(folder, "eval_prompts.txt")
     with open(eval_prompts, "w") as f:
         f.write("a corgi running on a beach at sunset\n")
-    return fg.Config(
-        model=args.model, resolution=args.resolution, reward=args.reward, group_size=args.group_size,
-        groups_per_step=args.groups_per_step, batch_size=args.batch_size, beta=args.beta, dtype=args.dtype,
-        gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps, eval_every=10**9,
-        eval_num_steps=2, eval_prompts=eval_prompts, save_every=10**9, out=os.path.join(folder, "run"), **overrides,
+    settings = dict(
+        model=args.model, resolution=args.resolution, reward=args.reward, reward_model_dir=args.reward_model_dir,
+        group_size=args.group_size, groups_per_step=args.groups_per_step, batch_size=args.batch_size, beta=args.beta,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps, eval_every=10**9,
+        eval_num_steps=2, eval_prompts=eval_prompts, save_every=10**9, out=os.path.join(folder, "run"),
+        # an optimizer step takes whole rollout batches: one step of a single batch allows one update
+        updates_per_step=min(fg.Config.updates_per_step, args.groups_per_step * args.group_size // args.batch_size),
     )
+    return fg.Config(**{**settings, **overrides})
 
 
 @contextlib.contextmanager
@@ -191,7 +405,42 @@ def measure_flops(run, cfg, device):
     return out
 
 
-def run_configuration(name, overrides, args, device, keep_root):
+def transformer_flops(pipe, cfg):
+    """FLOPs of the transformer per input (one latent and its TEXT_TOKENS text tokens) at cfg.resolution, counted
+    with torch.utils.flop_counter on one input of a LoRA-wrapped copy (meta device for SD3.5-M): the policy forward
+    (a rollout step), its forward + backward (a trained step; gradient checkpointing's recomputation not counted:
+    this is the model's work) and the reference forward (adapter off). Modifies pipe.transformer (LoRA added)."""
+    config = pipe.transformer.config
+    transformer, _ = fg.add_lora(pipe.transformer, cfg)
+    weight = transformer.get_base_model().pos_embed.proj.weight
+    like = {"device": weight.device, "dtype": weight.dtype}
+    x = torch.randn(1, *fg.latent_shape(pipe, cfg), **like)
+    text = fg.TextEmbeddings(torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, **like),
+                             torch.randn(1, config.pooled_projection_dim, **like))
+    timestep = torch.tensor(500.0, device=weight.device)
+
+    def forward():
+        return fg.guided_velocity(transformer, x, timestep, text, 1.0)
+
+    with torch.no_grad():
+        policy = count_flops(forward)
+        with transformer.disable_adapter():
+            reference = count_flops(forward)
+    train = count_flops(lambda: forward().square().mean().backward())
+    return {"policy": policy, "train": train, "reference": reference}
+
+
+def step_flops(result, per_input, beta):
+    """Transformer FLOPs of one step: rollout = batches x T x inputs x policy forward; train = batches x trained
+    steps x inputs x (forward + backward, + reference forward when beta > 0)."""
+    cfg = result["cfg"]
+    rollout = result["batches"] * cfg.num_steps * result["inputs"] * per_input["policy"]
+    train = result["batches"] * result["trained"] * result["inputs"] * (
+        per_input["train"] + (per_input["reference"] if beta > 0 else 0))
+    return {"rollout": rollout, "train": train}
+
+
+def run_configuration(name, overrides, args, device, keep_root, text_flops=True):
     folder = os.path.join(keep_root, name) if keep_root else tempfile.mkdtemp(prefix=f"bench_{name}_")
     os.makedirs(folder, exist_ok=True)
     cfg = make_config(args, overrides, folder)
@@ -211,6 +460,7 @@ def run_configuration(name, overrides, args, device, keep_root):
     with open(os.path.join(cfg.out, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f if line.strip()]
     measured = records[1:]  # step 1 is warm-up
+    step_seconds = [sum(r[f"seconds_{p}"] for p in PHASES) for r in records]
     result = {
         "name": name, "cfg": cfg, "wall": wall,
         "seconds": {p: sum(r[f"seconds_{p}"] for r in measured) / len(measured) for p in PHASES},
@@ -218,10 +468,13 @@ def run_configuration(name, overrides, args, device, keep_root):
         "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
         "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1),
         "trained": sum(len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, r["step"] - 1))[1]) for r in measured) / len(measured),
-        "peak_memory": torch.cuda.max_memory_allocated() if cuda else None,
+        # train() logs each step's GPU peaks (and resets them): the run's peak is the largest.
+        "memory": {key: max(r[key] for r in records) for key in records[0] if key.startswith("gpu_")},
+        "warmup": step_seconds[0] - sum(step_seconds[1:]) / len(measured),  # step 1's extra seconds
+        "compile": sum(r.get("seconds_compile", 0.0) for r in records),
         "flops": None,
     }
-    if not cfg.precompute_text_embeds and run.pipe.text_encoder is not None:
+    if text_flops and not cfg.precompute_text_embeds and run.pipe.text_encoder is not None:
         result["flops"] = measure_flops(run, cfg, device)
     del run
     if not keep_root:
@@ -262,34 +515,54 @@ def describe(cfg):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.dry_run:
+        return dry_run(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     runs, comparisons = configurations(args)
     keep_root = os.path.abspath(args.keep) if args.keep else ""
-    print(f"Flow-GRPO benchmark: model {args.model}, {args.resolution} px, device {device}"
+    print(f"Flow-GRPO benchmark: model {args.model}{' (random weights)' if args.random_weights else ''}, "
+          f"{args.resolution} px, device {device}"
           f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} torch threads)'}, reward {args.reward}, "
           f"group {args.group_size} x {args.groups_per_step} prompts, batch {args.batch_size}, beta {args.beta:g}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
           f"{args.steps} steps per configuration, step 1 not averaged", flush=True)
     started = time.perf_counter()
+    per_input = count_per_input_flops(args)
+    reward_folder = use_random_weights(args, device) if args.random_weights else ""
+    if reward_folder:
+        print(f"  PickScore (CLIP-H) with random weights saved to {reward_folder} "
+              f"[{time.perf_counter() - started:.0f} s]", flush=True)
     results = {}
-    for name, overrides in runs.items():
-        try:
-            results[name] = run_configuration(name, overrides, args, device, keep_root)
-        except torch.cuda.OutOfMemoryError as error:  # e.g. live T5-XXL next to a large batch on a 24 GB card
-            peak = torch.cuda.max_memory_allocated() / 2**30
-            print(f"  {name:<12} out of GPU memory (peak {peak:.1f} GiB before failing: {str(error).splitlines()[0][:100]}); "
-                  f"comparisons using it are skipped", flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            continue
-        s = results[name]["seconds"]
-        print(f"  ran {name:<12} ({describe(results[name]['cfg'])}): rollout {s['rollout']:.3f} s, reward {s['reward']:.3f} s, "
-              f"train {s['train']:.3f} s per step  [{results[name]['wall']:.0f} s wall]", flush=True)
+    try:
+        for name, overrides in runs.items():
+            try:
+                results[name] = run_configuration(name, overrides, args, device, keep_root, text_flops=bool(comparisons))
+            except torch.cuda.OutOfMemoryError as error:  # e.g. live T5-XXL next to a large batch on a 24 GB card
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                print(f"  {name:<12} out of GPU memory (peak {peak:.1f} GiB before failing: {str(error).splitlines()[0][:100]}); "
+                      f"comparisons using it are skipped", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
+                continue
+            s = results[name]["seconds"]
+            print(f"  ran {name:<12} ({describe(results[name]['cfg'])}): rollout {s['rollout']:.3f} s, reward {s['reward']:.3f} s, "
+                  f"train {s['train']:.3f} s per step  [{results[name]['wall']:.0f} s wall]", flush=True)
+    finally:
+        if reward_folder:
+            shutil.rmtree(reward_folder, ignore_errors=True)
     comparisons = [c for c in comparisons if c[2] in results and c[3] in results]
     if not results:
         return
+    if comparisons:
+        print_comparisons(results, comparisons, args)
+    print_throughput_table(results, args, per_input, device)
+    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
+
+
+def print_comparisons(results, comparisons, args):
+    """The seconds by phase next to the count of transformer forwards, and the ratio of each comparison."""
     flops = next((r["flops"] for r in results.values() if r["flops"]), None)
     units = {name: forward_units(r, flops, args.beta) for name, r in results.items()}
 
@@ -338,24 +611,102 @@ def main(argv=None):
           f"with small batches), per-op Python/dispatch overhead, not FLOPs, sets the time: batch size and CFG then cost "
           f"less than counted, and fixed per-step costs (text encoding, optimizer steps) weigh more.")
 
-    if device.type == "cuda":
-        print_gpu_table(results, args)
-    print(f"\ntotal benchmark time {time.perf_counter() - started:.0f} s")
 
 
-def print_gpu_table(results, args):
-    """Throughput and peak memory per configuration (CUDA only)."""
-    print(f"\nGPU ({torch.cuda.get_device_name()}), model {args.model}, {args.resolution} px, dtype {args.dtype}")
+def count_per_input_flops(args):
+    """FLOPs per transformer input (transformer_flops) on a fresh copy of the model: the tiny one, or SD3.5-Medium on
+    the meta device (no memory, no time on the GPU). None for a model folder of another shape."""
+    if args.model == "tiny":
+        pipe = fg.build_tiny_pipeline()
+    elif args.model == "sd3.5-medium":
+        pipe = build_sd35_medium("meta")
+    else:
+        return None
+    return transformer_flops(pipe, fg.Config(model=args.model, resolution=args.resolution))
+
+
+def step_shape(cfg, steps=(0,)):
+    """Rollout batches per step, transformer inputs per forward (x2 with CFG), trained steps per batch (mean over
+    `steps`: a --sde-window draws its window per step)."""
+    trained = [len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, step))[1]) for step in steps]
+    return {"cfg": cfg, "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
+            "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1), "trained": sum(trained) / len(trained)}
+
+
+def print_throughput_table(results, args, per_input, device):
+    """Per configuration: seconds, images/s, the transformer's TFLOP/s (and fraction of the device's peak), GPU memory
+    as train() logs it, and the first step's extra time."""
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peak = peak_tflops(name, args.peak_tflops) if cuda else (args.peak_tflops or None)
+
+    def rate(flops, seconds):
+        if per_input is None:
+            return "-"
+        tflops = flops / max(seconds, 1e-9) / 1e12
+        return f"{tflops:.3g}" + (f" ({100 * tflops / peak:.0f}%)" if peak else "")
+
+    def gib(r, key):
+        return f"{r['memory'][key]:.2f}" if key in r["memory"] else "-"
+
     rows = []
-    for name, r in results.items():
+    for config, r in results.items():
         s, cfg = r["seconds"], r["cfg"]
-        images = cfg.groups_per_step * cfg.group_size
-        trained_steps = r["batches"] * r["trained"]
-        rows.append([name, describe(cfg), f"{images / s['rollout']:.2f}", f"{trained_steps / max(s['train'], 1e-9):.2f}",
-                     f"{trained_steps * cfg.batch_size / max(s['train'], 1e-9):.2f}", f"{r['peak_memory'] / 2**30:.2f}"])
-    print(table(["config", "settings", "rollout images/s", "trained steps/s", "trained image-steps/s", "peak GiB"], rows))
-    print("trained step = forward + backward (+ reference forward) of one batch at one timestep; peak = "
-          "torch.cuda.max_memory_allocated over the whole run (loading, eval, precompute included).")
+        flops = step_flops(r, per_input, args.beta) if per_input else {"rollout": 0, "train": 0}
+        step = sum(s.values())
+        rows.append([config, describe(cfg), f"{s['rollout']:.3f}", f"{s['reward']:.3f}", f"{s['train']:.3f}", f"{step:.3f}",
+                     f"{cfg.groups_per_step * cfg.group_size / step:.3g}", rate(flops["rollout"], s["rollout"]),
+                     rate(flops["train"], s["train"]), rate(flops["rollout"] + flops["train"], step),
+                     gib(r, "gpu_allocated_peak_gib"), gib(r, "gpu_reserved_peak_gib"), gib(r, "gpu_device_used_gib"),
+                     f"{r['warmup']:.1f}", f"{r['compile']:.1f}" if r["compile"] else "-"])
+    peak_text = f", peak {peak:g} TFLOP/s dense bf16" if peak else ", peak unknown (--peak-tflops)" if cuda else ""
+    print(f"\nPer configuration on {name}{peak_text}: mean of steps 2..{args.steps}, {args.model}, {args.resolution} px")
+    print(table(["config", "settings", "rollout s", "reward s", "train s", "step s", "images/s", "rollout TFLOP/s",
+                 "train TFLOP/s", "step TFLOP/s", "alloc GiB", "reserved GiB", "device GiB", "step-1 extra s", "compile s"],
+                rows))
+    if per_input:
+        print(f"TFLOP/s: the transformer's FLOPs (torch.utils.flop_counter, one input of {TEXT_TOKENS} text tokens: "
+              f"forward {per_input['policy'] / 1e9:.4g} GFLOP, forward + backward {per_input['train'] / 1e9:.4g}, reference "
+              f"forward {per_input['reference'] / 1e9:.4g}; checkpointing's recomputation not counted) over the phase's "
+              f"seconds; rollout = batches x T x inputs forwards, train = batches x trained steps x inputs x (forward + "
+              f"backward{' + reference' if args.beta > 0 else ''}); text encoders, VAE and reward not counted.")
+    if cuda:
+        print("GiB: the largest over the run's steps of what train() logs in metrics.jsonl: peak allocated and peak "
+              "reserved (torch.cuda.max_memory_*, reset each step), and the device's memory in use at the end of the "
+              "step (torch.cuda.mem_get_info: the CUDA context and the allocator's cache included, as nvidia-smi).")
+    print("step-1 extra: the first step's seconds minus the mean of the others (compilation, kernel autotuning, the "
+          "allocator growing its cache).")
+
+
+def dry_run(args):
+    """Build SD3.5-Medium and PickScore on the meta device, print their parameter counts and the FLOPs of one step."""
+    started = time.perf_counter()
+    pipe = build_sd35_medium("meta")
+    pickscore, _ = build_pickscore("meta")
+    counts = parameter_counts(pipe, pickscore)
+    table_rows = [[name, f"{n / 1e9:.3f} B", f"{2 * n / 1e9:.2f}"] for name, n in counts.items()]
+    table_rows.append(["total", f"{sum(counts.values()) / 1e9:.3f} B", f"{2 * sum(counts.values()) / 1e9:.2f}"])
+    print(f"SD3.5-Medium and PickScore from their published configs, built on the meta device (shapes only) "
+          f"in {time.perf_counter() - started:.1f} s:")
+    print(table(["component", "parameters", "bf16 GB"], table_rows, left=1))
+    table_size = pipe.transformer.pos_embed.pos_embed.numel()
+    print(f"(+ the transformer's position table, a buffer: {table_size / 1e9:.3f} B values)")
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = make_config(args, RECIPES["default"], folder)
+    per_input = transformer_flops(pipe, cfg)
+    shape = step_shape(cfg)
+    flops = step_flops(shape, per_input, args.beta)
+    inputs = shape["inputs"]
+    print(f"\nTransformer FLOPs (torch.utils.flop_counter on the meta device, LoRA r={cfg.lora_rank}), {cfg.resolution} px, "
+          f"{TEXT_TOKENS} text tokens: one forward of {inputs} inputs (batch {cfg.batch_size}, CFG) "
+          f"{inputs * per_input['policy'] / 1e12:.2f} TFLOP, forward + backward {inputs * per_input['train'] / 1e12:.2f} "
+          f"TFLOP, reference forward {inputs * per_input['reference'] / 1e12:.2f} TFLOP.")
+    peak = args.peak_tflops or dict(PEAK_TFLOPS)["H100"]
+    total = flops["rollout"] + flops["train"]
+    print(f"One step of {cfg.groups_per_step * cfg.group_size} images (T={cfg.num_steps}, {shape['batches']} batches, "
+          f"{shape['trained']:g} trained steps each, beta {args.beta:g}): rollout {flops['rollout'] / 1e12:.0f} TFLOP, "
+          f"train {flops['train'] / 1e12:.0f} TFLOP; at {peak:g} TFLOP/s "
+          f"({'--peak-tflops' if args.peak_tflops else 'an H100'}) no faster than {total / peak / 1e12:.2f} s.")
 
 
 if __name__ == "__main__":
