@@ -468,7 +468,7 @@ def test_toy_main_writes_json_and_png_and_keeps_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "toy.json", "toy.png"]
     saved = json.loads((tmp_path / "toy.json").read_text())
     assert set(saved) == {"marginals_swd", "runs", "data", "total_seconds", "config"}
-    assert set(saved["runs"]) == set(results["runs"]) and len(saved["runs"]) == 4
+    assert set(saved["runs"]) == set(results["runs"]) and len(saved["runs"]) == 5
     assert saved["runs"]["10 steps, beta=0.5"]["curve"][-1]["epoch"] == 2
 
 

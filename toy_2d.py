@@ -54,7 +54,7 @@ class Config:
     target_x: float = 2.0  # reward = -||x - target||; (2, 0) is the centre of mode 0
     target_y: float = 0.0
     eval_every: int = 10
-    ratio_norm: bool = False  # add a row: the beta run with GRPO-Guard's RatioNorm (flow_grpo.normalised_log_ratio)
+    ratio_norm: bool = True  # a row: the beta run with GRPO-Guard's RatioNorm (flow_grpo.normalised_log_ratio)
 
 
 def generator(cfg, stream):
