@@ -1178,6 +1178,38 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
     torch.testing.assert_close(ours, dropped, rtol=1e-4, atol=1e-9)
 
 
+def test_training_loss_is_policy_plus_beta_times_the_official_kl(tiny_pipe, tmp_path):
+    import copy
+
+    cfg = tiny_config(tmp_path, beta=0.0)
+    transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)
+    with torch.no_grad():  # the policy has moved away from the reference
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
+    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
+    levels = [cfg.noise_level] * cfg.num_steps
+    j = 2
+    without_kl, _, _ = F.step_loss(transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+    beta = 1000.0  # large enough that beta * KL is not lost in float32 next to the policy term
+    with_kl, parts, _ = F.step_loss(transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step,
+                                    dataclasses.replace(cfg, beta=beta))
+    # The official KL (scripts/train_sd3.py, main()): mean over dims of (mu_theta - mu_ref)^2 / (2 sigma_t^2),
+    # sigma_t = a sqrt(sigma / (1 - sigma)), averaged over the two informative samples.
+    x, sigma, sigma_next = batch.trajectory.latents[:, j], sigmas[j].item(), sigmas[j + 1].item()
+    with torch.no_grad():
+        mu = F.sde_step(F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next, 0.7).mean
+        with transformer.disable_adapter():
+            mu_ref = F.sde_step(F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next,
+                                0.7).mean
+    sigma_t = 0.7 * math.sqrt(sigma / (1 - sigma))
+    official_kl = ((mu - mu_ref) ** 2).mean(dim=(1, 2, 3))[2:].mean() / (2 * sigma_t**2)
+    assert official_kl > 0
+    torch.testing.assert_close(with_kl - without_kl, beta * official_kl, rtol=1e-4, atol=0)
+    assert parts["kl"] == pytest.approx(official_kl.item(), rel=1e-4)  # logged before multiplication by beta
+
+
 def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
     import copy
 
