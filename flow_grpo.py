@@ -400,7 +400,8 @@ class Config:
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
     dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA and SDE math stay fp32)")
     # Memory (a 24 GB GPU: README)
-    precompute_text_embeds: bool = config_field(False, "encode every prompt once at the start, then free the text encoders (T5-XXL alone is 9.5 GB)")
+    precompute_text_embeds: bool = config_field(
+        False, "encode every prompt once into OUT/text_embeds on disk (1.7 MB each for SD3.5), then free the encoders")
     gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
 
 
@@ -482,7 +483,8 @@ class TextEmbeddings(NamedTuple):
 
 def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
     """CLIP-L + CLIP-G + T5 (128 tokens) embeddings, each prompt repeated group_size times; with CFG
-    the embeddings of the negative prompt "" come first."""
+    the embeddings of the negative prompt "" come first. What StableDiffusion3Pipeline itself does
+    (it encodes "" once per prompt): the reference that text_encoder_for's functions are tested against."""
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompts, prompts, prompts, device=device, num_images_per_prompt=group_size,
@@ -493,33 +495,217 @@ def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device
     return TextEmbeddings(embeds, pooled)
 
 
-def text_encoder_for(pipe, cfg: Config, all_prompts, device):
-    """A function (prompts, repeats) -> TextEmbeddings. With precompute_text_embeds, every prompt is
-    encoded once here and the three text encoders are freed; otherwise prompts are encoded per batch."""
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if encoder is not None:
-            encoder.to(device)
-    if not cfg.precompute_text_embeds:
-        return lambda prompts, repeats: encode_prompts(pipe, prompts, repeats, cfg.guidance_scale, device)
+def encode_text(pipe, prompts, device) -> TextEmbeddings:
+    """The embeddings of each prompt once, no negative: one row per prompt, the rows encode_prompts repeats."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts, prompts, prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            max_sequence_length=128,
+        )
+    return TextEmbeddings(embeds, pooled)
+
+
+def per_image(prompts, repeats: int = 1):
+    """One prompt per image: each of `prompts` repeated `repeats` times (a group's G images)."""
+    return [p for p in prompts for _ in range(repeats)]
+
+
+def images_text(rows: TextEmbeddings, index: torch.Tensor, negative) -> TextEmbeddings:
+    """Row index[i] of `rows` for image i; with CFG (negative given) the negative's copies come first."""
+    embeds, pooled = rows.embeds[index], rows.pooled[index]
+    if negative is not None:
+        n = len(index)
+        embeds = torch.cat([negative.embeds.expand(n, -1, -1), embeds])
+        pooled = torch.cat([negative.pooled.expand(n, -1), pooled])
+    return TextEmbeddings(embeds, pooled)
+
+
+def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, world: int = 1):
+    """The text of a batch: a function text_for(prompts, repeats=1) -> TextEmbeddings with one row per image
+    (prompt i repeated `repeats` times; a plain per-image list with the default repeats=1, so a batch may hold
+    several prompts with any counts). The negative prompt "" is encoded once, not once per prompt.
+
+    Live (default): the encoders stay on the device and each call encodes its distinct prompts. The official
+    `scripts/train_sd3.py`, `main()`, does the same: it encodes each sampling batch's prompts, and "" once.
+    precompute_text_embeds: every distinct prompt of all_prompts is encoded once into OUT/text_embeds on disk
+    (each process of a torchrun encodes a share), the encoders are freed, and each call reads its rows from
+    the files (TextCache): a process's memory does not grow with the number of prompts. A resumed run reuses
+    the cache without loading the encoders onto the device.
+    """
     import gc
 
-    cache = {p: encode_prompts(pipe, [p], 1, cfg.guidance_scale, device) for p in dict.fromkeys(all_prompts)}
-    cache = {p: TextEmbeddings(e.embeds.cpu(), e.pooled.cpu()) for p, e in cache.items()}
+    if not cfg.precompute_text_embeds:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(device)
+        negative = encode_text(pipe, [""], device) if cfg.guidance_scale > 1 else None
+
+        def live(prompts, repeats=1):
+            prompts = per_image(prompts, repeats)
+            row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+            index = torch.tensor([row[p] for p in prompts], device=device)
+            return images_text(encode_text(pipe, list(row), device), index, negative)
+
+        return live
+
+    folder = f"{cfg.out}/text_embeds"
+    prompts = list(dict.fromkeys(["", *all_prompts]))  # row 0: the negative prompt
+    encoder = next(e for e in (pipe.text_encoder_3, pipe.text_encoder, pipe.text_encoder_2) if e is not None)
+    fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype, prompts)
+    if not all_ranks_agree(TextCache.holds(folder, fingerprint), device, world):
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(device)
+        write_text_cache(pipe, folder, prompts, fingerprint, device, rank, world)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if not TextCache.holds(folder, fingerprint):
+        raise UsageError(f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
+                         "--out must be on a filesystem that every process (every node) shares")
+    return TextCache(folder, prompts, device, cfg.guidance_scale > 1)
 
-    def lookup(prompts, repeats):
-        chosen = [cache[p] for p in prompts for _ in range(repeats)]
-        embeds, pooled = torch.cat([c.embeds[-1:] for c in chosen]), torch.cat([c.pooled[-1:] for c in chosen])
-        if cfg.guidance_scale > 1:  # the negative prompt "" is the same for every prompt
-            n = len(chosen)
-            embeds = torch.cat([chosen[0].embeds[:1].expand(n, -1, -1), embeds])
-            pooled = torch.cat([chosen[0].pooled[:1].expand(n, -1), pooled])
-        return TextEmbeddings(embeds.to(device), pooled.to(device))
 
-    return lookup
+TEXT_CACHE_VERSION = 1
+
+
+def text_cache_fingerprint(model: str, dtype: torch.dtype, prompts) -> dict:
+    """What the cached embeddings depend on: a cache with another fingerprint is rebuilt, not reused."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+    return {"version": TEXT_CACHE_VERSION, "model": model, "dtype": str(dtype), "max_sequence_length": 128,
+            "rows": len(prompts), "prompts_sha256": digest}
+
+
+def all_ranks_agree(flag: bool, device, world: int) -> bool:
+    """True only if flag is True on every process (all of them then take the same branch)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, world: int, chunk: int = 32):
+    """Encode every prompt once into two flat files, embeds.bin [rows, tokens, dim] and pooled.bin [rows, dim]
+    in the encoders' dtype, row i = prompts[i]. Rank 0 writes row 0 (the negative "", encoded alone); rows
+    1.. go in chunks of `chunk` prompts, process r of `world` encoding chunks r, r + world, ... and writing
+    them in place. index.json, written last, marks the folder complete; it is built under a temporary name
+    and renamed, so a killed run never leaves a cache that looks whole."""
+    import json
+    import os
+    import shutil
+
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm import tqdm
+
+    tmp = f"{folder}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    if rank == 0:  # a stale cache (other prompts or model) or a half-written one is of no use: free its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    barrier(world)
+    probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
+    shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
+    row_bytes = {k: math.prod(s) * probe.embeds.element_size() for k, s in shapes.items()}
+    needed = len(prompts) * sum(row_bytes.values())
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
+    if free < needed:  # every process sees the same disk, so all of them stop here: no one waits at a barrier
+        raise UsageError(f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
+                         f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
+                         "choose another --out")
+    if rank == 0:
+        os.makedirs(tmp)
+        for name in shapes:
+            open(f"{tmp}/{name}.bin", "wb").close()
+    barrier(world)
+    verbosity = diffusers_logging.get_verbosity()
+    # CLIP keeps 77 tokens of each prompt (as in every SD3 run); diffusers would say so for every chunk of the
+    # official set's long prompts, thousands of warnings.
+    diffusers_logging.set_verbosity_error()
+    try:
+        def put(start, text):
+            for name, value in zip(shapes, text):
+                with open(f"{tmp}/{name}.bin", "r+b") as f:
+                    f.seek(start * row_bytes[name])
+                    f.write(value.cpu().contiguous().view(-1).view(torch.uint8).numpy())
+
+        if rank == 0:
+            put(0, probe)
+        starts = range(1 + rank * chunk, len(prompts), world * chunk)
+        for start in tqdm(starts, desc=f"encoding {len(prompts)} prompts", leave=False, disable=rank != 0):
+            put(start, encode_text(pipe, prompts[start : start + chunk], device))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    barrier(world)
+    if rank == 0:
+        with open(f"{tmp}/index.json", "w") as f:
+            json.dump({"fingerprint": fingerprint, "dtype": str(probe.embeds.dtype), "shapes": shapes}, f, indent=1)
+        os.replace(tmp, folder)
+    barrier(world)
+
+
+def barrier(world: int):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+class TextCache:
+    """Text embeddings read row by row from the files write_text_cache wrote. In memory: the prompt -> row
+    index and the negative prompt's embeddings (with CFG), nothing per prompt; the rows read for a batch live
+    as long as the batch. Each prompt's row is the same bits whatever batch it is read in."""
+
+    def __init__(self, folder, prompts, device, guidance: bool):
+        import json
+
+        with open(f"{folder}/index.json") as f:
+            index = json.load(f)
+        self.dtype = getattr(torch, index["dtype"].removeprefix("torch."))
+        self.shapes = index["shapes"]
+        self.row_bytes = {k: math.prod(s) * self.dtype.itemsize for k, s in self.shapes.items()}
+        self.folder = folder
+        self.row = {p: i for i, p in enumerate(prompts)}
+        self.device = device
+        self.negative = self.read([0]) if guidance else None  # row 0 is ""
+
+    @staticmethod
+    def holds(folder, fingerprint) -> bool:
+        import json
+
+        try:
+            with open(f"{folder}/index.json") as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return index.get("fingerprint") == fingerprint
+
+    def read(self, rows) -> TextEmbeddings:
+        """The embeddings of the given rows, [len(rows), ...] on the device."""
+        out = []
+        for name, shape in self.shapes.items():
+            value = torch.empty(len(rows), *shape, dtype=self.dtype)
+            buffer = memoryview(value.view(-1).view(torch.uint8).numpy())
+            size = self.row_bytes[name]
+            # Plain reads into a fresh tensor, not a memory map: mapped pages would count in the process's
+            # memory and grow with the number of prompts a long run touches.
+            with open(f"{self.folder}/{name}.bin", "rb", buffering=0) as f:
+                for i, row in enumerate(rows):
+                    f.seek(row * size)
+                    if f.readinto(buffer[i * size : (i + 1) * size]) != size:
+                        raise OSError(f"text cache file {f.name} is truncated: delete {self.folder} to rebuild it")
+            out.append(value.to(self.device))
+        return TextEmbeddings(*out)
+
+    def __call__(self, prompts, repeats: int = 1) -> TextEmbeddings:
+        prompts = per_image(prompts, repeats)
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        missing = [p for p in distinct if p not in self.row]
+        if missing:
+            raise KeyError(f"prompt not in the text cache: {missing[0]!r}")
+        index = torch.tensor([distinct[p] for p in prompts], device=self.device)
+        return images_text(self.read([self.row[p] for p in distinct]), index, self.negative)
 
 
 def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
@@ -1055,7 +1241,7 @@ def train(cfg: Config):
 
     pipe = load_pipeline(cfg.model, dtype)
     # Text first: with precompute_text_embeds the encoders leave before the transformer arrives.
-    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device)
+    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device, dist.rank, dist.world)
     pipe.to(dist.device)
     pipe.vae.to(torch.float32)  # decode in fp32, as the official `scripts/train_sd3.py`, `main()`
     pipe.set_progress_bar_config(disable=True)

@@ -1541,6 +1541,124 @@ def test_benchmark_peak_of_known_gpus_by_name(bench_script):
     assert bench_script.peak_tflops("NVIDIA H100 PCIe", override=700) == 700
 
 
+# --------------------------------------------------------------------------- text embeddings
+
+MIXED_BATCH = [F.BUILTIN_PROMPTS[i] for i in (0, 0, 2, 0, 4)]  # one batch, three prompts, repeats 3, 1, 1
+
+
+def reference_text(pipe, per_image_prompts, guidance_scale):
+    """What the pipeline encodes for these images, one encode_prompts call per image, parts in CFG order."""
+    parts = [F.encode_prompts(pipe, [p], 1, guidance_scale, "cpu") for p in per_image_prompts]
+    if guidance_scale <= 1:
+        return F.TextEmbeddings(torch.cat([t.embeds for t in parts]), torch.cat([t.pooled for t in parts]))
+    return F.TextEmbeddings(torch.cat([t.embeds[:1] for t in parts] + [t.embeds[1:] for t in parts]),
+                            torch.cat([t.pooled[:1] for t in parts] + [t.pooled[1:] for t in parts]))
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+@pytest.mark.parametrize("guidance_scale", [4.5, 1.0])
+def test_text_for_a_per_image_list_equals_encode_prompts(tiny_pipe, tmp_path, precompute, guidance_scale):
+    cfg = tiny_config(tmp_path, precompute_text_embeds=precompute, guidance_scale=guidance_scale)
+    text_for = F.text_encoder_for(F.build_tiny_pipeline(), cfg, F.BUILTIN_PROMPTS[:6], "cpu")
+    ours, expected = text_for(MIXED_BATCH), reference_text(tiny_pipe, MIXED_BATCH, guidance_scale)
+    assert ours.embeds.shape == expected.embeds.shape == ((10 if guidance_scale > 1 else 5), 77 + 128, 64)
+    assert torch.equal(ours.embeds, expected.embeds)
+    # CLIP's pooled projection is a small matmul whose CPU kernel, hence last bit, depends on the batch size.
+    torch.testing.assert_close(ours.pooled, expected.pooled, rtol=0, atol=1e-6)
+    # (prompts, repeats) is the per-image list with each prompt repeated: the rollout's group call.
+    grouped, listed = text_for(F.BUILTIN_PROMPTS[1:3], 3), text_for(F.per_image(F.BUILTIN_PROMPTS[1:3], 3))
+    assert torch.equal(grouped.embeds, listed.embeds) and torch.equal(grouped.pooled, listed.pooled)
+
+
+def count_t5_batches(pipe):
+    """Record the batch size of every T5 forward (one per encode of a list of prompts)."""
+    sizes, forward = [], pipe.text_encoder_3.forward
+
+    def counting(input_ids=None, **kwargs):
+        sizes.append(len(input_ids))
+        return forward(input_ids=input_ids, **kwargs)
+
+    pipe.text_encoder_3.forward = counting
+    return sizes
+
+
+def test_negative_prompt_and_each_prompt_are_encoded_once(tmp_path):
+    pipe = F.build_tiny_pipeline()
+    sizes = count_t5_batches(pipe)
+    live = F.text_encoder_for(pipe, tiny_config(tmp_path), [], "cpu")
+    assert sizes == [1]  # "" once, when the function is made
+    live(MIXED_BATCH)
+    assert sizes == [1, 3]  # the batch's 3 distinct prompts, and no "" per prompt (the pipeline would encode 3 of them)
+    pipe = F.build_tiny_pipeline()
+    sizes = count_t5_batches(pipe)
+    prompts = [f"prompt {i}" for i in range(70)] + ["prompt 3"]
+    F.text_encoder_for(pipe, tiny_config(tmp_path, precompute_text_embeds=True), prompts, "cpu")
+    assert sizes[0] == 1 and sum(sizes) == 1 + 70  # "" alone, then every distinct prompt exactly once
+
+
+def tensor_bytes_reachable(root):
+    """Bytes of every tensor reachable from root through containers, object attributes and closures."""
+    import gc
+    import types
+
+    seen, total, stack = set(), 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, str, bytes, int, float)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, (dict, list, tuple, set, types.FunctionType, types.CellType, types.MethodType)) \
+                or hasattr(obj, "__dict__"):
+            stack.extend(gc.get_referents(obj))
+    return total
+
+
+def test_precomputed_text_holds_nothing_per_prompt_in_memory(tmp_path):
+    held, file_bytes = {}, {}
+    for count in (50, 2000):
+        cfg = tiny_config(tmp_path / str(count), precompute_text_embeds=True)
+        prompts = [f"a photo of object number {i}" for i in range(count)]
+        text_for = F.text_encoder_for(F.build_tiny_pipeline(), cfg, prompts, "cpu")
+        held[count] = tensor_bytes_reachable(text_for)
+        file_bytes[count] = sum(os.path.getsize(f"{cfg.out}/text_embeds/{n}.bin") for n in ("embeds", "pooled"))
+        last = text_for(prompts[-1:])  # the last row really is on disk: it reads back as the prompt's embeddings
+        torch.testing.assert_close(last.embeds[1:], F.encode_text(F.build_tiny_pipeline(), prompts[-1:], "cpu").embeds,
+                                   rtol=0, atol=0)
+    row = (205 * 64 + 64) * 4  # fp32 tokens x dim, plus the pooled vector
+    assert file_bytes == {50: 51 * row, 2000: 2001 * row}  # every prompt, and "", once on disk
+    assert held[50] == held[2000] == 205 * 64 * 4 + 64 * 4  # in memory: the negative's row only
+
+
+def test_precomputed_run_is_on_policy_and_resumes_from_its_cache_without_encoding(tmp_path, monkeypatch):
+    whole = F.train(tiny_config(tmp_path / "whole", precompute_text_embeds=True, max_steps=2))
+    assert [r["first_ratio_error"] for r in read_metrics(tmp_path / "whole")] == [0.0, 0.0]
+    assert whole.pipe.text_encoder is None and whole.pipe.text_encoder_3 is None  # freed after the cache was written
+
+    F.train(tiny_config(tmp_path / "resumed", precompute_text_embeds=True, max_steps=1))
+    index = tmp_path / "resumed" / "text_embeds" / "index.json"
+    written = os.stat(index).st_mtime_ns
+    encoded = []
+    monkeypatch.setattr(F, "encode_text", lambda *args: encoded.append(args) or pytest.fail("re-encoded on resume"))
+    resumed = F.train(tiny_config(tmp_path / "resumed", precompute_text_embeds=True, max_steps=2, resume=True))
+    assert encoded == [] and os.stat(index).st_mtime_ns == written
+    assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
+
+
+def test_precompute_without_the_disk_space_stops_before_writing(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    cfg = tiny_config(tmp_path / "out", precompute_text_embeds=True)
+    os.makedirs(cfg.out)
+    with pytest.raises(F.UsageError, match=r"the embeddings of 33 prompts need 0.0 GB .* 0.0 GB are free"):
+        F.text_encoder_for(F.build_tiny_pipeline(), cfg, F.BUILTIN_PROMPTS, "cpu")
+    assert os.listdir(cfg.out) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # Reliability: exact resume, bad input, numerical guards
 # ------------------------------------------------------------------------------------------------
@@ -1933,8 +2051,8 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     for g1, g2 in zip(single_grads, ranks[0]["grads"]):
         assert g1.abs().max() > 0
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-7)
-    for p1, p2 in zip(single.params, ranks[0]["params"]):
-        torch.testing.assert_close(p2, p1.detach(), rtol=1e-5, atol=1e-6)
+    for p1, p2 in zip(single.params, ranks[0]["params"]):  # Adam's g / sqrt(v) magnifies last-bit differences
+        torch.testing.assert_close(p2, p1.detach(), rtol=1e-4, atol=1e-5)  # of near-zero gradient entries
     for r1, r2 in zip(read_metrics(tmp_path / "single"), read_metrics(out)):  # rank 0 alone wrote the run's files
         assert r2["step"] == r1["step"] and r2["first_ratio_error"] == r1["first_ratio_error"] == 0.0
         assert r2["reward_mean"] == r1["reward_mean"] and r2["reward_std"] == r1["reward_std"]
@@ -1967,3 +2085,43 @@ def test_prompt_stream_visits_every_prompt_once_per_pass_and_is_a_function_of_th
         assert sorted(stream[start : start + 7]) == sorted(prompts)
     assert stream[:7] != stream[7:14]  # a new shuffle each pass
     assert F.prompts_for_step(prompts, 3, 4, seed=5) == stream[12:15]  # what a resumed run at step 4 sees
+
+
+TORCHRUN_TEXT_CACHE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+import flow_grpo as F
+import test_flow_grpo as T
+
+dist = F.setup_distributed()
+cfg = T.tiny_config({out!r}, precompute_text_embeds=True)
+text_for = F.text_encoder_for(F.build_tiny_pipeline(), cfg, T.CACHE_PROMPTS, dist.device, dist.rank, dist.world)
+torch.save(tuple(text_for(T.CACHE_PROMPTS[-40:])), {out!r} + f"/text_rank{{dist.rank}}.pt")
+"""
+CACHE_PROMPTS = [f"a painting of a lighthouse, variation {i}" for i in range(100)]
+
+
+def test_two_processes_write_one_text_cache_equal_to_a_single_process_one(tmp_path):
+    import shutil
+    import subprocess
+
+    out = str(tmp_path / "run")
+    script = tmp_path / "cache.py"
+    script.write_text(TORCHRUN_TEXT_CACHE_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script)],
+                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Rows 1-100 in chunks of 32: rank 0 encoded rows 1-32 and 65-96, rank 1 the others; the files are
+    # byte for byte those of one process encoding everything.
+    single = tiny_config(tmp_path / "single", precompute_text_embeds=True)
+    text_for = F.text_encoder_for(F.build_tiny_pipeline(), single, CACHE_PROMPTS, "cpu")
+    for name in ("embeds.bin", "pooled.bin"):
+        with open(f"{out}/text_embeds/{name}", "rb") as a, open(f"{single.out}/text_embeds/{name}", "rb") as b:
+            assert a.read() == b.read()
+    expected = text_for(CACHE_PROMPTS[-40:])
+    for rank in range(2):
+        embeds, pooled = torch.load(f"{out}/text_rank{rank}.pt", weights_only=True)
+        assert torch.equal(embeds, expected.embeds) and torch.equal(pooled, expected.pooled)
+    assert sorted(os.listdir(out)) == ["text_embeds", "text_rank0.pt", "text_rank1.pt"]  # no temporary folder left

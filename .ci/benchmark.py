@@ -1,4 +1,5 @@
-"""Benchmark of one Flow-GRPO step, by phase (rollout, reward, train), for four comparisons.
+"""Benchmark of one Flow-GRPO step, by phase (rollout, reward, train), for four comparisons; and
+(--memory) the host memory of --precompute-text-embeds against the number of prompts.
 
     python .ci/benchmark.py                  # CPU, tiny random model: about 1 min on 2 cores
     python .ci/benchmark.py --model sd3.5-medium --random-weights
@@ -7,6 +8,8 @@
                                              # recipes (default, 24 GB), 512 px, group 8 x 2 prompts
     python .ci/benchmark.py --dry-run        # any machine: those models on the meta device, their
                                              # parameter counts and the FLOPs of one step
+    python .ci/benchmark.py --memory 100,25000
+                                             # peak RSS of a run with 100 and with 25,000 prompts
     python .ci/benchmark.py --model sd3.5-medium --precompute-text-embeds --gradient-checkpointing
                                              # on a GPU (512 px) with the downloaded model: the four
                                              # comparisons below; --only 1,2,3 on a 24 GB card
@@ -38,6 +41,13 @@ a random SD3.5 by mistake. Here, inside the benchmark process only, flow_grpo.lo
 replaced by a builder of SD3.5-Medium from its published configs with random weights, and PickScore
 (CLIP-H) is built the same way and saved to a temporary folder passed as --reward-model-dir. Memory
 and speed depend on the shapes, not on the weights.
+A benchmark, not a test: nothing is asserted about timings. On a CUDA device it also prints images/s
+in the rollout, trained steps/s and torch.cuda.max_memory_allocated per configuration.
+
+--memory N1,N2,...: for each count, a fresh process runs train() for 2 steps with --precompute-text-embeds on
+a file of N distinct prompts (about as long as the official PickScore ones) and reports its peak resident
+memory (ru_maxrss), the text cache's size on disk and the wall time. The cache lives on disk, so the peak
+should not grow with N; the former in-memory cache would have held 2 rows (prompt and "") per prompt.
 """
 import argparse
 import contextlib
@@ -45,6 +55,7 @@ import dataclasses
 import gc
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -75,7 +86,7 @@ REASONS = {
     ("window", "train", "low"): "fixed per-step costs (advantages, 2 optimizer steps, grad clip) weigh more next to 2 trained steps",
     ("window", "train", "high"): "timing noise (other processes on the CPU)",
     ("cfg", "rollout", "low"): "a tiny-model forward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
-    ("cfg", "rollout", "high"): "CFG also encodes the negative prompt (counted) and the chunk/combine step; else timing noise",
+    ("cfg", "rollout", "high"): "CFG also copies the negative prompt's embeddings and chunks/combines; else timing noise",
     ("cfg", "train", "low"): "a tiny-model forward/backward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
     ("cfg", "train", "high"): "timing noise (other processes on the CPU)",
     ("text", "rollout", "low"): "timing noise: text encoding is a small part of the rollout here",
@@ -276,6 +287,9 @@ def parse_args(argv=None):
                    help="torch CPU threads (default 1: a tiny model's ops are too small to split, and 2 OpenMP threads "
                         "sharing 2 cores with another process measured up to 10x slower; 0 = torch's default)")
     p.add_argument("--keep", default="", help="keep the runs' output folders under this folder")
+    p.add_argument("--memory", default="", help="only the memory section: prompt counts, e.g. 100,25000")
+    p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--memory-folder", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.dry_run:
         args.random_weights, args.model = True, "sd3.5-medium" if args.model == "tiny" else args.model
@@ -513,6 +527,75 @@ def describe(cfg):
     return ", ".join(parts)
 
 
+def synthetic_prompts(count):
+    """count distinct prompts of about the official PickScore prompts' length (114 characters on average)."""
+    subjects = ["a red fox", "an old lighthouse", "a bowl of ramen", "a robot gardener", "a snow leopard",
+                "a tiny house"]
+    places = ["in a misty forest", "on a rocky cliff", "under a starry sky", "in a neon-lit street", "by a calm lake"]
+    styles = ["oil painting", "studio photograph", "watercolor", "isometric illustration", "cinematic lighting"]
+    return [f"{subjects[i % 6]} {places[i // 6 % 5]}, {styles[i // 30 % 5]}, highly detailed, trending on artstation, "
+            f"variation {i}" for i in range(count)]
+
+
+def memory_child(args):
+    """One run of the memory section, in its own process so that ru_maxrss is this run's peak."""
+    import dataclasses
+    import resource
+
+    folder = args.memory_folder
+    prompt_file = os.path.join(folder, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(synthetic_prompts(args.memory_child)) + "\n")
+    cfg = dataclasses.replace(make_config(args, {}, folder), max_steps=2, prompts=prompt_file,
+                              precompute_text_embeds=True)
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        fg.train(cfg)
+    wall = time.perf_counter() - started
+    cache = os.path.join(cfg.out, "text_embeds")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    with open(os.path.join(cache, "index.json")) as f:
+        index = json.load(f)
+    print(json.dumps({"prompts": args.memory_child, "peak_rss": peak, "wall": wall, "index": index,
+                      "cache_bytes": sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache))}))
+
+
+def memory_section(args):
+    import subprocess
+
+    counts = [int(c) for c in args.memory.split(",") if c.strip()]
+    print(f"Host memory of --precompute-text-embeds: model {args.model}, {args.resolution} px, 2 steps of group "
+          f"{args.group_size} x {args.groups_per_step} prompts, one fresh process per prompt count", flush=True)
+    rows, results = [], []
+    for count in counts:
+        folder = tempfile.mkdtemp(prefix=f"bench_memory_{count}_")
+        command = [sys.executable, os.path.abspath(__file__), "--memory-child", str(count), "--memory-folder", folder,
+                   "--model", args.model, "--resolution", str(args.resolution), "--reward", args.reward,
+                   "--group-size", str(args.group_size), "--groups-per-step", str(args.groups_per_step),
+                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        if done.returncode:
+            sys.exit(f"memory run with {count} prompts failed:\n{done.stderr[-3000:]}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        index = result["index"]
+        itemsize = getattr(torch, index["dtype"].split(".")[-1]).itemsize
+        row = sum(math.prod(s) for s in index["shapes"].values()) * itemsize
+        result["former"] = 2 * count * row  # prompt and negative rows per prompt, as the in-memory cache held them
+        results.append(result)
+        rows.append([f"{count:,}", f"{result['peak_rss'] / 2**20:.0f}", f"{result['cache_bytes'] / 2**20:.1f}",
+                     f"{result['former'] / 2**20:.0f}", f"{result['wall']:.1f}"])
+        print(f"  ran {count:,} prompts: peak RSS {result['peak_rss'] / 2**20:.0f} MiB", flush=True)
+    print()
+    print(table(["prompts", "peak RSS MiB", "cache on disk MiB", "former in-RAM cache MiB", "wall s"], rows, left=0))
+    if len(results) > 1:
+        low, high = results[0], results[-1]
+        print(f"peak RSS difference {high['prompts']:,} vs {low['prompts']:,} prompts: "
+              f"{(high['peak_rss'] - low['peak_rss']) / 2**20:+.0f} MiB; one cached row (prompt or \"\") is "
+              f"{row:,} bytes "
+              f"({index['shapes']['embeds']} + {index['shapes']['pooled']} in {index['dtype']})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dry_run:
@@ -520,6 +603,10 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.memory_child:
+        return memory_child(args)
+    if args.memory:
+        return memory_section(args)
     runs, comparisons = configurations(args)
     keep_root = os.path.abspath(args.keep) if args.keep else ""
     print(f"Flow-GRPO benchmark: model {args.model}{' (random weights)' if args.random_weights else ''}, "
