@@ -345,15 +345,51 @@ def load_pipeline(model: str, dtype: torch.dtype):
         raise UsageError(f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the model elsewhere and pass its local folder with --model PATH") from None
 
 
-def add_lora(transformer, cfg: Config):
-    """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy."""
+def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
+    """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy. The LoRA weights
+    are fp32 whatever the base dtype; over bf16 base weights they are applied in bf16 (lora_in_base_dtype)
+    unless bf16_lora_arithmetic is False (peft's default: fp32 LoRA arithmetic on fp32 copies of the inputs)."""
     from peft import LoraConfig, get_peft_model
 
+    base_dtype = transformer.dtype
     transformer.requires_grad_(False)
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
     torch.manual_seed(cfg.seed)
     # autocast_adapter_dtype (default) keeps the LoRA in fp32 over bf16/fp16 base weights.
-    return get_peft_model(transformer, lora_config), lora_config
+    model = get_peft_model(transformer, lora_config)
+    # Not fp16: the weight gradient, a sum over every token, would be computed in fp16 under a loss scale
+    # of up to 2^16, where it can overflow while the activations' gradients do not.
+    if base_dtype == torch.bfloat16 and bf16_lora_arithmetic:
+        lora_in_base_dtype(model)
+    return model, lora_config
+
+
+class LinearInInputDtype(torch.nn.Linear):
+    """A LoRA factor whose weight stays fp32 (the master copy AdamW updates, the EMA and checkpoints keep)
+    but is applied in the dtype of its input: the cast is part of autograd, so the matmul and the tensors
+    saved for backward are bf16, and the cast's backward hands the weight an fp32 gradient."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def lora_in_base_dtype(model):
+    """Run every LoRA of a peft model in the base weights' dtype, with fp32 master weights.
+
+    peft's default (autocast_adapter_dtype) casts each LoRA layer's input to the fp32 of the LoRA weights:
+    an fp32 copy of every targeted activation, made in the forward and saved for the backward, and fp32
+    matmuls (+38 % on SD3.5-M's forward, issue 13). Here peft's input cast is switched off
+    (`cast_input_dtype_enabled`, the flag peft's `helpers.disable_input_dtype_casting` sets) and the weights
+    are cast instead. The class swap keeps the modules, their parameters and their state-dict names."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.cast_input_dtype_enabled = False
+            for factor in (*layer.lora_A.values(), *layer.lora_B.values()):
+                if type(factor) is torch.nn.Linear:
+                    factor.__class__ = LinearInInputDtype
 
 
 def lora_parameters(transformer):

@@ -1045,6 +1045,79 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
     assert cosine >= 0.99
 
 
+def fp32_activations_saved_in_lora_layers(transformer, run, *args):
+    """Count the fp32 tensors, other than the LoRA weights themselves, that the LoRA layers save for backward."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = {p.data_ptr() for p in F.lora_parameters(transformer)}
+    inside, count = [], [0]
+
+    def pack(t):
+        if inside and t.dtype == torch.float32 and t.data_ptr() not in weights:
+            count[0] += 1
+        return t
+
+    def enter(*args):
+        inside.append(1)
+
+    def leave(*args):
+        inside.pop()
+
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(*args)
+    for h in hooks:
+        h.remove()
+    return count[0], out
+
+
+def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path, beta=0.01, lr=1e-6)
+    pipe = copy.deepcopy(tiny_pipe).to(torch.bfloat16)
+    grads, saved = {}, {}
+    for bf16_arithmetic in (False, True):  # False: peft's default, fp32 LoRA on fp32 copies of the inputs
+        transformer, lora_config = F.add_lora(copy.deepcopy(pipe.transformer), cfg, bf16_arithmetic)
+        with torch.no_grad():  # the same nonzero B in both, so that A has a gradient too
+            for name, p in transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+        # Each its own rollout (same noise): both on-policy, as in a run, so that no ratio is clipped.
+        batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg)
+        levels = [cfg.noise_level] * cfg.num_steps
+        params = F.lora_parameters(transformer)
+        args = (transformer, batch, 1, advantages, None, sigmas, timesteps, levels, F.sde_step, cfg)
+        saved[bf16_arithmetic], (loss, _, _) = fp32_activations_saved_in_lora_layers(transformer, F.step_loss, *args)
+        grads[bf16_arithmetic] = lora_gradient(transformer, loss)
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in params)
+        F.save_lora(transformer, lora_config, str(tmp_path / f"lora_{bf16_arithmetic}"))
+    # A tiny AdamW step (lr 1e-6) still moves the fp32 master weights by the hand-computed first step.
+    before, g = [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+    optimizer = F.make_optimizer(params, cfg)
+    assert F.optimizer_update(params, optimizer, F.grad_scaler(torch.bfloat16, torch.device("cpu")),
+                              F.Distributed(0, 1, "cpu"), max_grad_norm=1e9) == "applied"
+    assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.dim())
+    for p, b, grad in zip(params, before, g):
+        expected = b * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * grad / (grad.abs() + 1e-8)  # AdamW's first step
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=b.abs().max().item() * 2**-23)
+        # Where |w| > 2^-10, half a bf16 spacing is >= 2^-18 > 2 lr: bf16 weights would round the update away.
+        big = (b.abs() > 2**-10) & (grad != 0)  # (the last block's context query gets no gradient)
+        step = (p - b).detach()[big]
+        assert torch.all(step != 0) and torch.equal(b[big].bfloat16() + step.bfloat16(), b[big].bfloat16())
+    cosine = torch.nn.functional.cosine_similarity(grads[True].double(), grads[False].double(), dim=0)
+    print(f"bf16 vs fp32 LoRA arithmetic: gradient cosine {cosine.item():.6f}, fp32 activations saved in the LoRA"
+          f" layers {saved[False]} -> {saved[True]}")
+    assert cosine >= 0.999
+    assert saved[False] > 0 and saved[True] == 0
+    files = [load_file(tmp_path / f"lora_{b}" / "pytorch_lora_weights.safetensors") for b in (False, True)]
+    assert files[0].keys() == files[1].keys() and all(files[1][k].dtype == torch.float32 for k in files[1])
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])  # same init, same seed: the same LoRA
+
+
 def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path, monkeypatch):
     calls = []
     real_loss, real_update = F.step_loss, F.optimizer_update
@@ -1188,6 +1261,14 @@ def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
     run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
     assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16
+    # The LoRA runs in bf16 but its master weights, EMA and checkpoint stay fp32.
+    from safetensors.torch import load_file
+
+    assert all(p.dtype == torch.float32 for p in [*run.params, *run.ema_params])
+    checkpoint = F.latest_checkpoint(str(tmp_path / "out"))
+    for name in ("lora", "ema"):
+        assert all(t.dtype == torch.float32 for t in load_file(f"{checkpoint}/{name}.safetensors").values())
+    assert any(isinstance(m, F.LinearInInputDtype) for m in run.transformer.modules())
 
 
 def test_window_steps_are_consecutive_in_the_first_half():
