@@ -298,10 +298,12 @@ class Config:
     save_every: int = config_field(20, "write a checkpoint (LoRA, EMA, optimizer, step) every this many steps")
     keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
-    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA and SDE math stay fp32)")
+    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)")
     # Memory (a 24 GB GPU: README)
     precompute_text_embeds: bool = config_field(False, "encode every prompt once at the start, then free the text encoders (T5-XXL alone is 9.5 GB)")
     gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
+    # Speed (README)
+    compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
 
 
 def parse_config(argv=None) -> Config:
@@ -394,6 +396,58 @@ def lora_in_base_dtype(model):
 
 def lora_parameters(transformer):
     return [p for p in transformer.parameters() if p.requires_grad]
+
+
+class CompileCounter:
+    """The compilations of this process from now on, counted and timed by dynamo's compile callbacks: a graph
+    traced (a first call, or a recompilation after a guard failed) or a backward compiled at its first use.
+    torch.compile is lazy, so this is how compiling is told apart from a slow first step."""
+
+    def __init__(self):
+        self.graphs, self.seconds, self.reported, self.started = 0, 0.0, 0.0, 0.0
+        torch._dynamo.callback_handler.register_start_callback(self.start)
+        torch._dynamo.callback_handler.register_end_callback(self.end)
+
+    def start(self, args=None):  # older torch calls the callbacks without arguments
+        self.started = time.perf_counter()
+
+    def end(self, args=None):
+        self.seconds += time.perf_counter() - self.started
+        if getattr(args, "callback_trigger", None) is None or args.callback_trigger.name == "DYNAMO":
+            self.graphs += 1
+
+    def record(self):
+        """For the log: the graphs compiled so far, and the seconds spent compiling since the previous record."""
+        seconds, self.reported = self.seconds - self.reported, self.seconds
+        return {"compilations": self.graphs, "seconds_compile": seconds}
+
+
+def compile_blocks(transformer) -> CompileCounter:
+    """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
+
+    Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
+    dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
+    gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
+    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy).
+    All of them are compiled in the first step (and the evaluation before it); the count is logged so that a
+    recompilation shows. Shapes are static: a run's shapes never change, except the last evaluation batch when
+    the eval prompts do not fill it, which costs one graph more, at step 0.
+    nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
+    disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
+    same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo, "callback_handler"):
+        raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo falls back to eager past
+    # the limit of graphs per code object: SD3.5-M's 3 block kinds x 3 ways of calling them exceed the default 8.
+    setattr(config, limit, max(getattr(config, limit), 64))
+    counter = CompileCounter()
+    for block in transformer.get_base_model().transformer_blocks:
+        block.compile(fullgraph=True, dynamic=False)
+    return counter
 
 
 class TextEmbeddings(NamedTuple):
@@ -873,6 +927,7 @@ def train(cfg: Config):
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     transformer, lora_config = add_lora(pipe.transformer, cfg)
+    compiles = compile_blocks(transformer) if cfg.compile else None
     params = lora_parameters(transformer)
     optimizer = make_optimizer(params, cfg)
     ema_params = [p.detach().clone() for p in params]
@@ -1000,8 +1055,14 @@ def train(cfg: Config):
         record.update({f"seconds_{k}": v for k, v in timer.items()})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(run_eval(step + 1))
+        if compiles:  # the phases' seconds include compiling
+            record.update(compiles.record())
         log(record)
         if dist.main:
+            if compiles and record["seconds_compile"]:  # once, unless something recompiles
+                where = f"step {step + 1}" + (" and the evaluation at step 0" if step == 0 else "")
+                print(f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
+                      f" {record['compilations']} graphs so far", flush=True)
             evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
             print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)

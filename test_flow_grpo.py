@@ -1118,6 +1118,58 @@ def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
     assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])  # same init, same seed: the same LoRA
 
 
+def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first_step(tmp_path):
+    # The slow test (inductor compiles C++ on a CPU: 1-4 minutes), so one run covers every path: rollout, training
+    # (here with gradient checkpointing), the reference forward with the adapter off, the evaluation with the EMA
+    # swapped in at steps 0, 1 and 2, and a second step.
+    folder = tmp_path / "out"
+    run = F.train(tiny_config(folder, compile=True, gradient_checkpointing=True, max_steps=2, eval_every=1))
+    first, second = read_metrics(folder)
+    print(f"--compile: {first['compilations']} graphs in {first['seconds_compile']:.0f} s, first_ratio_error "
+          f"{first['first_ratio_error']:.1e} and {second['first_ratio_error']:.1e}")
+    # One graph per block kind (dual attention; the last, context-free block) and way of calling the blocks
+    # (with grad; without; without and with the adapter off), all compiled by the end of the first step.
+    assert first["compilations"] == 2 * 3 and first["seconds_compile"] > 0
+    assert second["compilations"] == first["compilations"] and second["seconds_compile"] == 0
+    assert first["first_ratio_error"] <= 1e-5 and second["first_ratio_error"] <= 1e-5 and "eval_reward" in second
+    # The same paths once more, now also training without checkpointing: no new graph, and what eager blocks give.
+    cfg = tiny_config(folder)
+    transformer = run.transformer
+    transformer.get_base_model().disable_gradient_checkpointing()
+    prompts = ["a cat", "a cat", "the dog", "the dog"]
+    text = F.encode_prompts(run.pipe, prompts, 1, cfg.guidance_scale, "cpu")
+    sigmas, timesteps = F.schedule(run.pipe, cfg.num_steps, "cpu")
+    noise = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    levels = [cfg.noise_level] * cfg.num_steps
+
+    def every_path():
+        with F.swap_in(run.params, run.ema_params):
+            evaluated = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.num_steps)
+        rollout = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, levels,
+                           generator=torch.Generator().manual_seed(1))
+        batch = F.RolloutBatch(prompts, text, rollout)
+        loss, parts, delta = F.step_loss(transformer, batch, 1, torch.tensor([0.5, -0.5, 1.5, -1.5]), None, sigmas,
+                                         timesteps, levels, F.sde_step, cfg)
+        return evaluated.latents, rollout.latents, torch.tensor(parts["kl"]), delta, lora_gradient(transformer, loss)
+
+    counter = F.CompileCounter()
+    compiled = every_path()
+    with torch.compiler.set_stance("force_eager"):
+        eager = every_path()
+    assert counter.graphs == 0 and counter.seconds == 0
+    evaluated, rollout, kl, delta, grad = compiled
+    evaluated_eager, rollout_eager, kl_eager, delta_eager, grad_eager = eager
+    print(f"compiled vs eager: latents {(evaluated - evaluated_eager).abs().max():.1e}, "
+          f"{(rollout - rollout_eager).abs().max():.1e}; kl {kl:.4e} vs {kl_eager:.4e}; "
+          f"gradient {(grad - grad_eager).norm() / grad_eager.norm():.1e} relative")
+    assert kl > 0  # the reference (adapter off) is not the trained policy
+    torch.testing.assert_close(evaluated, evaluated_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout, rollout_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_eager, rtol=1e-4, atol=0)
+    torch.testing.assert_close(delta, delta_eager, rtol=0, atol=1e-6)
+    assert (grad - grad_eager).norm() <= 1e-4 * grad_eager.norm()
+
+
 def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path, monkeypatch):
     calls = []
     real_loss, real_update = F.step_loss, F.optimizer_update
