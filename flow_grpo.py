@@ -422,16 +422,18 @@ class CompileCounter:
         return {"compilations": self.graphs, "seconds_compile": seconds}
 
 
-def compile_blocks(transformer) -> CompileCounter:
+def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
     """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
 
     Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
     dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
     gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
-    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy).
-    All of them are compiled in the first step (and the evaluation before it); the count is logged so that a
-    recompilation shows. Shapes are static: a run's shapes never change, except the last evaluation batch when
-    the eval prompts do not fill it, which costs one graph more, at step 0.
+    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy);
+    with grad, the first block also gets its own graph when its inputs, unlike the next blocks', need no
+    gradient (guards check requires_grad). All of them are compiled in the first step (and the evaluation
+    before it); the count is logged so that a recompilation shows. Shapes are static: a run's shapes never
+    change, except the last evaluation batch when the eval prompts do not fill it, which costs one graph more,
+    at step 0.
     nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
     disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
     same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
@@ -441,12 +443,12 @@ def compile_blocks(transformer) -> CompileCounter:
         raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo falls back to eager past
-    # the limit of graphs per code object: SD3.5-M's 3 block kinds x 3 ways of calling them exceed the default 8.
+    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
+    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M needs 10, the default is 8.
     setattr(config, limit, max(getattr(config, limit), 64))
     counter = CompileCounter()
     for block in transformer.get_base_model().transformer_blocks:
-        block.compile(fullgraph=True, dynamic=False)
+        block.compile(fullgraph=True, dynamic=False, backend=backend)
     return counter
 
 
