@@ -398,11 +398,13 @@ class Config:
     save_every: int = config_field(20, "write a checkpoint (LoRA, EMA, optimizer, step) every this many steps")
     keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
-    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA and SDE math stay fp32)")
+    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)")
     # Memory (a 24 GB GPU: README)
     precompute_text_embeds: bool = config_field(
         False, "encode every prompt once into OUT/text_embeds on disk (1.7 MB each for SD3.5), then free the encoders")
     gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
+    # Speed (README)
+    compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
 
 
 def parse_config(argv=None) -> Config:
@@ -461,19 +463,109 @@ def load_pipeline(model: str, dtype: torch.dtype):
         raise UsageError(f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the model elsewhere and pass its local folder with --model PATH") from None
 
 
-def add_lora(transformer, cfg: Config):
-    """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy."""
+def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
+    """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy. The LoRA weights
+    are fp32 whatever the base dtype; over bf16 base weights they are applied in bf16 (lora_in_base_dtype)
+    unless bf16_lora_arithmetic is False (peft's default: fp32 LoRA arithmetic on fp32 copies of the inputs)."""
     from peft import LoraConfig, get_peft_model
 
+    base_dtype = transformer.dtype
     transformer.requires_grad_(False)
     lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
     torch.manual_seed(cfg.seed)
     # autocast_adapter_dtype (default) keeps the LoRA in fp32 over bf16/fp16 base weights.
-    return get_peft_model(transformer, lora_config), lora_config
+    model = get_peft_model(transformer, lora_config)
+    # Not fp16: the weight gradient, a sum over every token, would be computed in fp16 under a loss scale
+    # of up to 2^16, where it can overflow while the activations' gradients do not.
+    if base_dtype == torch.bfloat16 and bf16_lora_arithmetic:
+        lora_in_base_dtype(model)
+    return model, lora_config
+
+
+class LinearInInputDtype(torch.nn.Linear):
+    """A LoRA factor whose weight stays fp32 (the master copy AdamW updates, the EMA and checkpoints keep)
+    but is applied in the dtype of its input: the cast is part of autograd, so the matmul and the tensors
+    saved for backward are bf16, and the cast's backward hands the weight an fp32 gradient."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def lora_in_base_dtype(model):
+    """Run every LoRA of a peft model in the base weights' dtype, with fp32 master weights.
+
+    peft's default (autocast_adapter_dtype) casts each LoRA layer's input to the fp32 of the LoRA weights:
+    an fp32 copy of every targeted activation, made in the forward and saved for the backward, and fp32
+    matmuls (+38 % on SD3.5-M's forward, issue 13). Here peft's input cast is switched off
+    (`cast_input_dtype_enabled`, the flag peft's `helpers.disable_input_dtype_casting` sets) and the weights
+    are cast instead. The class swap keeps the modules, their parameters and their state-dict names."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.cast_input_dtype_enabled = False
+            for factor in (*layer.lora_A.values(), *layer.lora_B.values()):
+                if type(factor) is torch.nn.Linear:
+                    factor.__class__ = LinearInInputDtype
 
 
 def lora_parameters(transformer):
     return [p for p in transformer.parameters() if p.requires_grad]
+
+
+class CompileCounter:
+    """The compilations of this process from now on, counted and timed by dynamo's compile callbacks: a graph
+    traced (a first call, or a recompilation after a guard failed) or a backward compiled at its first use.
+    torch.compile is lazy, so this is how compiling is told apart from a slow first step."""
+
+    def __init__(self):
+        self.graphs, self.seconds, self.reported, self.started = 0, 0.0, 0.0, 0.0
+        torch._dynamo.callback_handler.register_start_callback(self.start)
+        torch._dynamo.callback_handler.register_end_callback(self.end)
+
+    def start(self, args=None):  # older torch calls the callbacks without arguments
+        self.started = time.perf_counter()
+
+    def end(self, args=None):
+        self.seconds += time.perf_counter() - self.started
+        if getattr(args, "callback_trigger", None) is None or args.callback_trigger.name == "DYNAMO":
+            self.graphs += 1
+
+    def record(self):
+        """For the log: the graphs compiled so far, and the seconds spent compiling since the previous record."""
+        seconds, self.reported = self.seconds - self.reported, self.seconds
+        return {"compilations": self.graphs, "seconds_compile": seconds}
+
+
+def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
+    """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
+
+    Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
+    dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
+    gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
+    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy);
+    with grad, the first block also gets its own graph when its inputs, unlike the next blocks', need no
+    gradient (guards check requires_grad). All of them are compiled in the first step (and the evaluation
+    before it); the count is logged so that a recompilation shows. Shapes are static: a run's shapes never
+    change, except the last evaluation batch when the eval prompts do not fill it, which costs one graph more,
+    at step 0.
+    nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
+    disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
+    same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo, "callback_handler"):
+        raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
+    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M needs 10, the default is 8.
+    setattr(config, limit, max(getattr(config, limit), 64))
+    counter = CompileCounter()
+    for block in transformer.get_base_model().transformer_blocks:
+        block.compile(fullgraph=True, dynamic=False, backend=backend)
+    return counter
 
 
 class TextEmbeddings(NamedTuple):
@@ -1249,6 +1341,7 @@ def train(cfg: Config):
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     transformer, lora_config = add_lora(pipe.transformer, cfg)
+    compiles = compile_blocks(transformer) if cfg.compile else None
     params = lora_parameters(transformer)
     optimizer = make_optimizer(params, cfg)
     scaler = grad_scaler(dtype, dist.device)
@@ -1377,8 +1470,14 @@ def train(cfg: Config):
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(run_eval(step + 1))
         record.update(gpu_memory(dist.device))
+        if compiles:  # the phases' seconds include compiling
+            record.update(compiles.record())
         log(record)
         if dist.main:
+            if compiles and record["seconds_compile"]:  # once, unless something recompiles
+                where = f"step {step + 1}" + (" and the evaluation at step 0" if step == 0 else "")
+                print(f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
+                      f" {record['compilations']} graphs so far", flush=True)
             evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
             print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
                   f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)

@@ -1233,6 +1233,164 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
     assert cosine >= 0.99
 
 
+def fp32_activations_saved_in_lora_layers(transformer, run, *args):
+    """Count the fp32 tensors, other than the LoRA weights themselves, that the LoRA layers save for backward."""
+    from peft.tuners.lora import LoraLayer
+
+    weights = {p.data_ptr() for p in F.lora_parameters(transformer)}
+    inside, count = [], [0]
+
+    def pack(t):
+        if inside and t.dtype == torch.float32 and t.data_ptr() not in weights:
+            count[0] += 1
+        return t
+
+    def enter(*args):
+        inside.append(1)
+
+    def leave(*args):
+        inside.pop()
+
+    layers = [m for m in transformer.modules() if isinstance(m, LoraLayer)]
+    hooks = [h for m in layers for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run(*args)
+    for h in hooks:
+        h.remove()
+    return count[0], out
+
+
+def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
+    import copy
+
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path, beta=0.01, lr=1e-6)
+    pipe = copy.deepcopy(tiny_pipe).to(torch.bfloat16)
+    grads, saved = {}, {}
+    for bf16_arithmetic in (False, True):  # False: peft's default, fp32 LoRA on fp32 copies of the inputs
+        transformer, lora_config = F.add_lora(copy.deepcopy(pipe.transformer), cfg, bf16_arithmetic)
+        with torch.no_grad():  # the same nonzero B in both, so that A has a gradient too
+            for name, p in transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+        # Each its own rollout (same noise): both on-policy, as in a run, so that no ratio is clipped.
+        batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg)
+        levels = [cfg.noise_level] * cfg.num_steps
+        params = F.lora_parameters(transformer)
+        args = (transformer, batch, 1, advantages, None, sigmas, timesteps, levels, F.sde_step, cfg)
+        saved[bf16_arithmetic], (loss, _, _) = fp32_activations_saved_in_lora_layers(transformer, F.step_loss, *args)
+        grads[bf16_arithmetic] = lora_gradient(transformer, loss)
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in params)
+        F.save_lora(transformer, lora_config, str(tmp_path / f"lora_{bf16_arithmetic}"))
+    # A tiny AdamW step (lr 1e-6) still moves the fp32 master weights by the hand-computed first step.
+    before, g = [p.detach().clone() for p in params], [p.grad.clone() for p in params]
+    optimizer = F.make_optimizer(params, cfg)
+    assert F.optimizer_update(params, optimizer, F.grad_scaler(torch.bfloat16, torch.device("cpu")),
+                              F.Distributed(0, 1, "cpu"), max_grad_norm=1e9) == "applied"
+    assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.dim())
+    for p, b, grad in zip(params, before, g):
+        expected = b * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * grad / (grad.abs() + 1e-8)  # AdamW's first step
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=b.abs().max().item() * 2**-23)
+        # Where |w| > 2^-10, half a bf16 spacing is >= 2^-18 > 2 lr: bf16 weights would round the update away.
+        big = (b.abs() > 2**-10) & (grad != 0)  # (the last block's context query gets no gradient)
+        step = (p - b).detach()[big]
+        assert torch.all(step != 0) and torch.equal(b[big].bfloat16() + step.bfloat16(), b[big].bfloat16())
+    cosine = torch.nn.functional.cosine_similarity(grads[True].double(), grads[False].double(), dim=0)
+    print(f"bf16 vs fp32 LoRA arithmetic: gradient cosine {cosine.item():.6f}, fp32 activations saved in the LoRA"
+          f" layers {saved[False]} -> {saved[True]}")
+    assert cosine >= 0.999
+    assert saved[False] > 0 and saved[True] == 0
+    files = [load_file(tmp_path / f"lora_{b}" / "pytorch_lora_weights.safetensors") for b in (False, True)]
+    assert files[0].keys() == files[1].keys() and all(files[1][k].dtype == torch.float32 for k in files[1])
+    assert all(torch.equal(files[0][k], files[1][k]) for k in files[0])  # same init, same seed: the same LoRA
+
+
+def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first_step(tmp_path):
+    # The slow test (inductor compiles C++ on a CPU: 1-4 minutes), so one run covers every path: rollout, training
+    # (here with gradient checkpointing), the reference forward with the adapter off, the evaluation with the EMA
+    # swapped in at steps 0, 1 and 2, and a second step.
+    folder = tmp_path / "out"
+    run = F.train(tiny_config(folder, compile=True, gradient_checkpointing=True, max_steps=2, eval_every=1))
+    first, second = read_metrics(folder)
+    print(f"--compile: {first['compilations']} graphs in {first['seconds_compile']:.0f} s, first_ratio_error "
+          f"{first['first_ratio_error']:.1e} and {second['first_ratio_error']:.1e}")
+    # One graph per block kind (dual attention; the last, context-free block) and way of calling the blocks
+    # (with grad; without; without and with the adapter off), all compiled by the end of the first step.
+    assert first["compilations"] == 2 * 3 and first["seconds_compile"] > 0
+    assert second["compilations"] == first["compilations"] and second["seconds_compile"] == 0
+    assert first["first_ratio_error"] <= 1e-5 and second["first_ratio_error"] <= 1e-5 and "eval_reward" in second
+    # The same paths once more, now also training without checkpointing: no new graph, and what eager blocks give.
+    cfg = tiny_config(folder)
+    transformer = run.transformer
+    transformer.get_base_model().disable_gradient_checkpointing()
+    prompts = ["a cat", "a cat", "the dog", "the dog"]
+    text = F.encode_prompts(run.pipe, prompts, 1, cfg.guidance_scale, "cpu")
+    sigmas, timesteps = F.schedule(run.pipe, cfg.num_steps, "cpu")
+    noise = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    levels = [cfg.noise_level] * cfg.num_steps
+
+    def every_path():
+        with F.swap_in(run.params, run.ema_params):
+            evaluated = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.num_steps)
+        rollout = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, levels,
+                           generator=torch.Generator().manual_seed(1))
+        batch = F.RolloutBatch(prompts, text, rollout)
+        loss, parts, delta = F.step_loss(transformer, batch, 1, torch.tensor([0.5, -0.5, 1.5, -1.5]), None, sigmas,
+                                         timesteps, levels, F.sde_step, cfg)
+        return evaluated.latents, rollout.latents, torch.tensor(parts["kl"]), delta, lora_gradient(transformer, loss)
+
+    counter = F.CompileCounter()
+    compiled = every_path()
+    with torch.compiler.set_stance("force_eager"):
+        eager = every_path()
+    assert counter.graphs == 0 and counter.seconds == 0
+    evaluated, rollout, kl, delta, grad = compiled
+    evaluated_eager, rollout_eager, kl_eager, delta_eager, grad_eager = eager
+    print(f"compiled vs eager: latents {(evaluated - evaluated_eager).abs().max():.1e}, "
+          f"{(rollout - rollout_eager).abs().max():.1e}; kl {kl:.4e} vs {kl_eager:.4e}; "
+          f"gradient {(grad - grad_eager).norm() / grad_eager.norm():.1e} relative")
+    assert kl > 0  # the reference (adapter off) is not the trained policy
+    torch.testing.assert_close(evaluated, evaluated_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout, rollout_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, kl_eager, rtol=1e-4, atol=0)
+    torch.testing.assert_close(delta, delta_eager, rtol=0, atol=1e-6)
+    assert (grad - grad_eager).norm() <= 1e-4 * grad_eager.norm()
+
+
+def test_sd35_mediums_block_kinds_compile_within_dynamos_limit(tmp_path):
+    # SD3.5-M's layout in small: dual-attention blocks first, a plain block, the last (context-free) one. Its
+    # graphs exceed dynamo's default limit of 8 per code object (all compiled blocks share nn.Module._call_impl),
+    # past which compiling with fullgraph fails. Dynamo's "eager" backend: tracing only, seconds.
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    base = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=4,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm",
+    ).eval()
+    transformer, _ = F.add_lora(base, tiny_config(tmp_path))
+    counter = F.compile_blocks(transformer, backend="eager")
+    inputs = {"hidden_states": torch.randn(2, 16, 8, 8), "timestep": torch.tensor([900.0, 900.0]), "return_dict": False,
+              "encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 32)}
+
+    def every_path():
+        with torch.no_grad():
+            rollout = transformer(**inputs)[0]
+            with transformer.disable_adapter():
+                reference = transformer(**inputs)[0]
+        return rollout, reference, lora_gradient(transformer, transformer(**inputs)[0].square().sum())
+
+    compiled = every_path()
+    # Without grad: 3 kinds; with the adapter off: 3; with grad: 4, as the first block's inputs need no gradient.
+    assert counter.graphs == 3 + 3 + 4
+    with torch.compiler.set_stance("force_eager"):
+        for ours, expected in zip(compiled, every_path()):
+            torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
+    assert counter.graphs == 10
+
+
 def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path, monkeypatch):
     calls = []
     real_loss, real_update = F.step_loss, F.optimizer_update
@@ -1262,16 +1420,20 @@ def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path
 
 def test_an_update_is_a_hand_computed_clipped_adamw_step():
     cfg = F.Config(lr=0.1, weight_decay=0.5, max_grad_norm=1.0)
-    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     optimizer = F.make_optimizer([p], cfg)  # what train() builds
-    p.grad = torch.tensor([3.0, 4.0])  # norm 5: clipped to norm 1
-    assert F.optimizer_update([p], optimizer, F.grad_scaler(torch.float32, torch.device("cpu")), F.Distributed(0, 1, "cpu"), 1.0) == "applied"
-    g = torch.tensor([0.6, 0.8])
-    m, v = 0.1 * g, 0.001 * g**2  # first moments after one step, betas (0.9, 0.999)
-    m_hat, v_hat = m / 0.1, v / 0.001
-    expected = torch.tensor([1.0, -2.0]) * (1 - 0.1 * 0.5) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8)
-    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
-    assert torch.all(p.grad == 0)  # gradients are zeroed for the next accumulation
+    scaler, dist = F.grad_scaler(torch.float32, torch.device("cpu")), F.Distributed(0, 1, "cpu")
+    expected, m, v = p.detach().clone(), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    # Adam's first step is g / |g| whatever the scale: only a second step shows clipping and the betas.
+    for k, (grad, clipped) in enumerate([([3.0, 4.0], [0.6, 0.8]), ([0.1, -0.2], [0.1, -0.2])], start=1):
+        p.grad = torch.tensor(grad, dtype=torch.float64)  # norm 5 clipped to 1, then norm 0.22 left alone
+        assert F.optimizer_update([p], optimizer, scaler, dist, 1.0) == "applied"
+        assert torch.all(p.grad == 0)  # gradients are zeroed for the next accumulation
+        g = torch.tensor(clipped, dtype=torch.float64)
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        m_hat, v_hat = m / (1 - 0.9**k), v / (1 - 0.999**k)
+        expected = expected * (1 - 0.1 * 0.5) - 0.1 * m_hat / (v_hat.sqrt() + 1e-8)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-7, atol=1e-9)
 
 
 def test_ema_update_follows_the_official_warm_up_decay():
@@ -1280,6 +1442,14 @@ def test_ema_update_follows_the_official_warm_up_decay():
     torch.testing.assert_close(ema[0], torch.tensor([9 / 11, 20 / 11]))
     F.ema_update(ema, p, optimizer_step=100)  # decay capped at 0.9
     torch.testing.assert_close(ema[0], torch.tensor([0.9 * 9 / 11 + 0.1, 0.9 * 20 / 11]))
+
+
+def test_the_ema_is_updated_every_ema_every_optimizer_steps(tmp_path, monkeypatch):
+    updates, real_ema_update = [], F.ema_update
+    monkeypatch.setattr(F, "ema_update", lambda ema, params, k: updates.append(k) or real_ema_update(ema, params, k))
+    cfg = tiny_config(tmp_path / "out", max_steps=3, ema_every=4)  # 2 optimizer steps per step
+    F.train(cfg)
+    assert updates == [4]
 
 
 def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tmp_path, monkeypatch):
@@ -1305,17 +1475,17 @@ def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tm
     monkeypatch.setattr(F, "text_encoder_for", text_encoder_spy)
     monkeypatch.setattr(F, "score", score_spy)
     monkeypatch.setattr(F, "evaluate", evaluate_spy)
-    cfg = tiny_config(tmp_path / "out", groups_per_step=3, batch_size=2, max_steps=2, eval_every=1, ema_every=1,
-                      prompts=str(write_prompts(tmp_path, ["p one", "p two", "p three", "p four"])))
+    # Groups of 2 in batches of 4: every batch holds two prompts, so an image given its neighbour's prompt shows.
+    cfg = tiny_config(tmp_path / "out", group_size=2, groups_per_step=4, batch_size=4, max_steps=2, eval_every=1,
+                      ema_every=1, prompts=str(write_prompts(tmp_path, ["p one", "p two", "p three", "p four"])))
     run = F.train(cfg)
     # Rollout batches are encoded and then rewarded in the same order: each image's prompt is its own.
-    rollout_prompts = [e for e in encoded if len(e) == 2 and e[0].startswith("p ")]
+    rollout_prompts = [e for e in encoded if len(e) == 4 and e[0].startswith("p ")]
     rollout_rewards = [r for r in rewarded if r[0].startswith("p ")]
-    assert rollout_rewards == rollout_prompts and len(rollout_rewards) == 2 * 6
-    for step in range(2):  # 3 prompts x 4 images, in groups
-        images = sum(rollout_rewards[6 * step : 6 * (step + 1)], [])
-        assert [images[4 * g] for g in range(3)] == F.prompts_for_step(["p one", "p two", "p three", "p four"], 3, step, 0)
-        assert all(images[4 * g + i] == images[4 * g] for g in range(3) for i in range(4))
+    assert rollout_rewards == rollout_prompts and len(rollout_rewards) == 2 * 2
+    for step in range(2):  # 4 prompts x 2 images, in groups
+        images = sum(rollout_rewards[2 * step : 2 * (step + 1)], [])
+        assert images[::2] == images[1::2] == F.prompts_for_step(["p one", "p two", "p three", "p four"], 4, step, 0)
     # Evaluation sees the EMA weights, not the raw LoRA.
     for got, want in zip(evaluated[-1], run.ema_params):
         assert torch.equal(got, want)
@@ -1393,6 +1563,14 @@ def test_fp16_checkpoint_keeps_the_loss_scale(tiny_pipe, tmp_path):
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
     run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
     assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16
+    # The LoRA runs in bf16 but its master weights, EMA and checkpoint stay fp32.
+    from safetensors.torch import load_file
+
+    assert all(p.dtype == torch.float32 for p in [*run.params, *run.ema_params])
+    checkpoint = F.latest_checkpoint(str(tmp_path / "out"))
+    for name in ("lora", "ema"):
+        assert all(t.dtype == torch.float32 for t in load_file(f"{checkpoint}/{name}.safetensors").values())
+    assert any(isinstance(m, F.LinearInInputDtype) for m in run.transformer.modules())
 
 
 def test_window_steps_are_consecutive_in_the_first_half():
