@@ -1155,15 +1155,22 @@ def lora_gradient(transformer, loss):
     return torch.cat([p.grad.flatten() for p in params])
 
 
-def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny_pipe, tmp_path):
+def moved_lora(tiny_pipe, cfg):
+    """A copy of the tiny transformer with a LoRA whose B is not 0: the policy differs from the reference."""
     import copy
 
-    cfg = tiny_config(tmp_path, beta=0.0)
     transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)
-    with torch.no_grad():  # a LoRA that changes the model, so that the gradient is not the on-policy special case
+    with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    return transformer
+
+
+def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny_pipe, tmp_path):
+
+    cfg = tiny_config(tmp_path, beta=0.0)
+    transformer = moved_lora(tiny_pipe, cfg)  # off-policy: the gradient is not the on-policy special case
     batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
     weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
     levels = [cfg.noise_level] * cfg.num_steps
@@ -1179,14 +1186,9 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
 
 
 def test_training_loss_is_policy_plus_beta_times_the_official_kl(tiny_pipe, tmp_path):
-    import copy
 
     cfg = tiny_config(tmp_path, beta=0.0)
-    transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)
-    with torch.no_grad():  # the policy has moved away from the reference
-        for name, p in transformer.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    transformer = moved_lora(tiny_pipe, cfg)  # the policy has moved away from the reference
     batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
     weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
     levels = [cfg.noise_level] * cfg.num_steps
