@@ -461,6 +461,20 @@ def test_tensor_images_accepted():
     torch.testing.assert_close(r(x, ["a", "b"])["reward"], r(pil, ["a", "b"])["reward"])
 
 
+def test_colour_rewards_match_their_formula():
+    # Half the pixels (200, 100, 50), half (10, 20, 30): C - (C' + C'') / 2 per pixel, then the mean, / 255.
+    half = Image.new("RGB", (4, 2), (200, 100, 50))
+    half.paste((10, 20, 30), (0, 1, 4, 2))
+    expected = {"redness": (125 + -15) / 2 / 255, "greenness": (-25 + 0) / 2 / 255, "blueness": (-100 + 15) / 2 / 255}
+    pure, grey = Image.new("RGB", (3, 3), (0, 255, 0)), Image.new("RGB", (3, 3), (77, 77, 77))
+    noise = make_images(1, size=16, seed=5)[0]
+    rgb = np.asarray(noise, dtype=np.float64) / 255
+    out = rewards.load_reward("redness,greenness,blueness")([half, pure, grey, noise], ["p"] * 4)
+    for c, name in enumerate(("redness", "greenness", "blueness")):
+        by_numpy = (rgb[..., c] - (rgb.sum(-1) - rgb[..., c]) / 2).mean()
+        torch.testing.assert_close(out[name], torch.tensor([expected[name], [-0.5, 1, -0.5][c], 0, by_numpy]).float())
+
+
 def test_prompt_count_mismatch():
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         rewards.load_reward("jpeg_compressibility")(make_images(2), ["a"])
