@@ -976,9 +976,12 @@ def write_curves(folders, path: str) -> bool:
         return False
     fig = Figure(figsize=(12, 7.5), layout="constrained")
     (reward_ax, kl_ax), (clip_ax, time_ax) = fig.subplots(2, 2, sharex=True)
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    if len(set(names)) < len(names):  # runs/a/out and runs/b/out: the whole paths tell them apart
+        names = [os.path.normpath(f) for f in folders]
     for i, folder in enumerate(folders):
         records = [r for r in read_metrics(folder) if "reward_mean" in r]
-        colour, name = f"C{i}", (os.path.basename(os.path.normpath(folder)) + ": " if len(folders) > 1 else "")
+        colour, name = f"C{i}", (names[i] + ": " if len(folders) > 1 else "")
         eval_steps = "ODE"
         if os.path.isfile(f"{folder}/config.json"):
             with open(f"{folder}/config.json") as f:
@@ -1005,7 +1008,7 @@ def write_curves(folders, path: str) -> bool:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.suptitle(", ".join(os.path.basename(os.path.normpath(f)) for f in folders))
+    fig.suptitle(", ".join(names))
     fig.savefig(path + ".tmp", format="png", dpi=100)
     os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
     return True
@@ -1030,7 +1033,12 @@ def plot_main(argv):
                   "folder of a run that has taken a step", file=sys.stderr)
             sys.exit(2)
     output = args.output or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
-    if not write_curves(args.runs, output):
+    try:
+        drawn = write_curves(args.runs, output)
+    except OSError as error:
+        print(f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr)
+        sys.exit(2)
+    if not drawn:
         sys.exit(1)
     print(f"wrote {output}")
 

@@ -858,6 +858,8 @@ def test_plot_command_draws_finished_runs(short_run, tmp_path, capsys):
     code, errors = run_cli(["--plot", str(tmp_path / "nothing")])
     assert code == 2 and len(errors) == 1 and "holds no logged steps" in errors[0]
     assert not os.path.exists(tmp_path / "nothing")
+    code, errors = run_cli(["--plot", str(folder), "--output", str(tmp_path / "missing" / "x.png")])
+    assert code == 2 and len(errors) == 1 and "cannot write" in errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
