@@ -410,7 +410,9 @@ class Config:
 def parse_config(argv=None) -> Config:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)")
+    parser = argparse.ArgumentParser(
+        description="Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)",
+        epilog="python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -1473,6 +1475,8 @@ def train(cfg: Config):
         if compiles:  # the phases' seconds include compiling
             record.update(compiles.record())
         log(record)
+        if dist.main and "eval_reward" in record:
+            write_curves([cfg.out], f"{cfg.out}/curves.png")
         if dist.main:
             if compiles and record["seconds_compile"]:  # once, unless something recompiles
                 where = f"step {step + 1}" + (" and the evaluation at step 0" if step == 0 else "")
@@ -1484,6 +1488,7 @@ def train(cfg: Config):
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                 save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config, scaler)
     if dist.main:
+        print(effect_size_line(read_metrics(cfg.out)), flush=True)
         with swap_in(params, ema_params if cfg.ema else params):
             save_lora(transformer, lora_config, f"{cfg.out}/lora")
     return TrainedRun(pipe, transformer, params, ema_params)
@@ -1598,6 +1603,142 @@ def write_run_files(cfg: Config, start_step: int):
         with open(metrics + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics + ".tmp", metrics)
+
+
+def read_metrics(folder: str) -> list:
+    """The records of a run's metrics.jsonl, one per step (a missing file reads as no steps)."""
+    import json
+    import os
+
+    path = f"{folder}/metrics.jsonl"
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def effect_size(records) -> dict:
+    """How far a run raised its rollout reward, in within-step standard deviations:
+
+        effect = (mean reward_mean of the last tenth of steps - mean reward_mean of the first tenth)
+                 / mean reward_std over all steps
+
+    a tenth being max(1, n // 10) of the n logged steps and reward_std the (population) std of the
+    rewards of one step. The first and last logged evaluation rewards (40-step ODE) come along."""
+    steps = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval_reward" in r]
+    if not steps:
+        return {}
+    k = max(1, len(steps) // 10)
+    first = sum(r["reward_mean"] for r in steps[:k]) / k
+    last = sum(r["reward_mean"] for r in steps[-k:]) / k
+    spread = sum(r["reward_std"] for r in steps) / len(steps)
+    return {
+        "first": first, "last": last, "std": spread, "effect": (last - first) / spread if spread > 0 else math.nan,
+        "first_steps": (steps[0]["step"], steps[k - 1]["step"]), "last_steps": (steps[-k]["step"], steps[-1]["step"]),
+        "eval_first": (evals[0]["step"], evals[0]["eval_reward"]) if evals else None,
+        "eval_last": (evals[-1]["step"], evals[-1]["eval_reward"]) if evals else None,
+    }
+
+
+def effect_size_line(records) -> str:
+    """effect_size as the one line printed at the end of a run."""
+    e = effect_size(records)
+    if not e:
+        return "effect size: no steps logged"
+    line = (f"effect size: {e['effect']:+.2f} within-step stds (rollout reward {e['first']:.5g} over steps "
+            f"{e['first_steps'][0]}-{e['first_steps'][1]} -> {e['last']:.5g} over steps {e['last_steps'][0]}-"
+            f"{e['last_steps'][1]}; mean within-step std {e['std']:.2g})")
+    if e["eval_first"]:
+        line += f"; eval reward {e['eval_first'][1]:.5g} at step {e['eval_first'][0]}"
+        line += f" -> {e['eval_last'][1]:.5g} at step {e['eval_last'][0]}"
+    return line
+
+
+_NOTED_NO_MATPLOTLIB = []  # the note is printed once per process, not at every evaluation
+
+
+def write_curves(folders, path: str) -> bool:
+    """Draw the metrics.jsonl of one run, or of several overlaid, into the PNG `path`: the rollout reward
+    (mean ± std band) with the evaluation reward, the KL terms, the clip fraction and the seconds per phase
+    against the step. Without matplotlib: one line saying so, no figure, False."""
+    import json
+    import os
+
+    try:  # the object API: no pyplot, so no global backend switch in the training process
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _NOTED_NO_MATPLOTLIB:
+            print(f"note: matplotlib is not installed, so no {path} (pip install matplotlib)", flush=True)
+            _NOTED_NO_MATPLOTLIB.append(True)
+        return False
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    (reward_ax, kl_ax), (clip_ax, time_ax) = fig.subplots(2, 2, sharex=True)
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    if len(set(names)) < len(names):  # runs/a/out and runs/b/out: the whole paths tell them apart
+        names = [os.path.normpath(f) for f in folders]
+    for i, folder in enumerate(folders):
+        records = [r for r in read_metrics(folder) if "reward_mean" in r]
+        colour, name = f"C{i}", (names[i] + ": " if len(folders) > 1 else "")
+        eval_steps = "ODE"
+        if os.path.isfile(f"{folder}/config.json"):
+            with open(f"{folder}/config.json") as f:
+                eval_steps = f"{json.load(f).get('eval_num_steps', '')}-step ODE"
+        step = [r["step"] for r in records]
+        mean, std = torch.tensor([r["reward_mean"] for r in records]), torch.tensor([r["reward_std"] for r in records])
+        reward_ax.plot(step, mean, color=colour, label=f"{name}rollout (SDE), mean ± std")
+        reward_ax.fill_between(step, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+        evals = [r for r in records if "eval_reward" in r]
+        reward_ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o--", color=colour,
+                       label=f"{name}eval ({eval_steps})")
+        kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
+        for key, style, label in kls:
+            if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
+                kl_ax.plot(step, [r[key] for r in records], style, color=colour, label=name + label)
+        clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "clip fraction")
+        for phase, style in (("rollout", "-"), ("reward", ":"), ("train", "--")):
+            time_ax.plot(step, [r[f"seconds_{phase}"] for r in records], style, color=colour, label=name + phase)
+    reward_ax.set(title="reward", ylabel="reward")
+    kl_ax.set(title="KL per dimension (mean over the step's backward passes)", yscale="log")
+    clip_ax.set(title="fraction of clipped ratios", xlabel="step")
+    time_ax.set(title="seconds per phase of a step", xlabel="step", ylim=(0, None))
+    for ax in (reward_ax, kl_ax, clip_ax, time_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(", ".join(names))
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
+    return True
+
+
+def plot_main(argv):
+    """python flow_grpo.py --plot RUN [RUN ...]: curves.png of finished runs."""
+    import argparse
+    import os
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="flow_grpo.py --plot", description="Draw the curves of finished runs from their metrics.jsonl (the figure "
+        "training writes to OUT/curves.png at each evaluation); several runs are overlaid, one colour each.")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="the output folder (--out) of a run")
+    parser.add_argument("--output", default="", help="PNG to write (default: RUN/curves.png for one run, "
+                        "./curves.png for several)")
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if not read_metrics(run):
+            print(f"error: {run} holds no logged steps (no {os.path.join(run, 'metrics.jsonl')}): pass the --out "
+                  "folder of a run that has taken a step", file=sys.stderr)
+            sys.exit(2)
+    output = args.output or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
+    try:
+        drawn = write_curves(args.runs, output)
+    except OSError as error:
+        print(f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr)
+        sys.exit(2)
+    if not drawn:
+        sys.exit(1)
+    print(f"wrote {output}")
 
 
 def latest_checkpoint(out: str):
@@ -1857,6 +1998,9 @@ def main(argv=None):
     import os
     import sys
 
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["--plot"]:  # a figure of finished runs, not a training run
+        return plot_main(args[1:])
     # Under torchrun every process meets the same bad flag: rank 0 alone says it.
     rank = int(os.environ.get("RANK", "0"))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():

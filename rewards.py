@@ -22,6 +22,8 @@ Built-in components (all return one float per image, higher is better):
 - ``ocr``: 1 if the prompt's double-quoted text is found in the image by OCR, else
   1 - min(d, L) / L with d the edit distance to it and L its length (spaces removed, lower case);
   needs ``pip install rapidocr-onnxruntime``.
+- ``redness``, ``greenness``, ``blueness``: mean over pixels of (C - (other two channels) / 2) / 255
+  with C the named channel, in [-0.5, 1]: a colour target that even a random model can approach.
 - ``module:function``: your own ``function(images, prompts) -> N floats``.
 
 Only torch and PIL are imported at module level; transformers, huggingface_hub,
@@ -235,6 +237,23 @@ def jpeg_compressibility(images: list[Image.Image], prompts: list[str]) -> torch
 def jpeg_incompressibility(images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
     """r = +(JPEG size in kB at quality 95) / 500, the negative of jpeg_compressibility."""
     return -jpeg_compressibility(images, prompts)
+
+
+# --------------------------------------------------------------------------- colour rewards
+
+COLOUR_CHANNELS = {"redness": 0, "greenness": 1, "blueness": 2}
+
+
+def colour_excess(images: list[Image.Image], channel: int) -> torch.Tensor:
+    """r = mean over pixels of (C - (C' + C'') / 2) / 255, C the channel's 8-bit value and C', C'' the
+    other two: +1 for a pure colour, -0.5 for its complement, 0 for any grey."""
+    scores = []
+    for image in images:
+        rgb = image.convert("RGB")
+        pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(-1, 3).double()
+        others = pixels.sum(dim=1) - pixels[:, channel]
+        scores.append(((pixels[:, channel] - others / 2) / 255).mean())
+    return torch.stack(scores).float() if scores else torch.zeros(0)
 
 
 # --------------------------------------------------------------------------- CLIP helpers
@@ -543,6 +562,13 @@ def _build_jpeg_incompressibility(device, model_dir, cache) -> RewardFn:
     return jpeg_incompressibility
 
 
+def _build_colour(name: str):
+    def build(device, model_dir, cache) -> RewardFn:
+        return lambda images, prompts: colour_excess(images, COLOUR_CHANNELS[name])
+
+    return build
+
+
 _BUILDERS = {
     "pickscore": _build_pickscore,
     "clipscore": _build_clipscore,
@@ -550,6 +576,7 @@ _BUILDERS = {
     "jpeg_compressibility": _build_jpeg_compressibility,
     "jpeg_incompressibility": _build_jpeg_incompressibility,
     "ocr": _build_ocr,
+    **{name: _build_colour(name) for name in COLOUR_CHANNELS},
 }
 
 # Rewards that need a model and therefore accept a local folder.

@@ -617,6 +617,20 @@ def test_tensor_images_accepted():
     torch.testing.assert_close(r(x, ["a", "b"])["reward"], r(pil, ["a", "b"])["reward"])
 
 
+def test_colour_rewards_match_their_formula():
+    # Half the pixels (200, 100, 50), half (10, 20, 30): C - (C' + C'') / 2 per pixel, then the mean, / 255.
+    half = Image.new("RGB", (4, 2), (200, 100, 50))
+    half.paste((10, 20, 30), (0, 1, 4, 2))
+    expected = {"redness": (125 + -15) / 2 / 255, "greenness": (-25 + 0) / 2 / 255, "blueness": (-100 + 15) / 2 / 255}
+    pure, grey = Image.new("RGB", (3, 3), (0, 255, 0)), Image.new("RGB", (3, 3), (77, 77, 77))
+    noise = make_images(1, size=16, seed=5)[0]
+    rgb = np.asarray(noise, dtype=np.float64) / 255
+    out = rewards.load_reward("redness,greenness,blueness")([half, pure, grey, noise], ["p"] * 4)
+    for c, name in enumerate(("redness", "greenness", "blueness")):
+        by_numpy = (rgb[..., c] - (rgb.sum(-1) - rgb[..., c]) / 2).mean()
+        torch.testing.assert_close(out[name], torch.tensor([expected[name], [-0.5, 1, -0.5][c], 0, by_numpy]).float())
+
+
 def test_prompt_count_mismatch():
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         rewards.load_reward("jpeg_compressibility")(make_images(2), ["a"])
@@ -1837,6 +1851,85 @@ def test_precompute_without_the_disk_space_stops_before_writing(tmp_path, monkey
     with pytest.raises(F.UsageError, match=r"the embeddings of 33 prompts need 0.0 GB .* 0.0 GB are free"):
         F.text_encoder_for(F.build_tiny_pipeline(), cfg, F.BUILTIN_PROMPTS, "cpu")
     assert os.listdir(cfg.out) == []
+
+
+# --------------------------------------------------------------------------- the run's effect size and curves
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """4 tiny steps evaluated at steps 3 and 4; records how many steps metrics.jsonl held at each figure."""
+    import contextlib
+
+    folder = tmp_path_factory.mktemp("short") / "out"
+    lines_at_figure, original = [], F.write_curves
+
+    def spy(folders, path):
+        lines_at_figure.append(len(read_metrics(folders[0])))
+        return original(folders, path)
+
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        patch.setattr(F, "write_curves", spy)
+        F.train(tiny_config(folder, max_steps=4, eval_every=3))
+    return folder, lines_at_figure, printed.getvalue()
+
+
+def test_effect_size_of_a_run_equals_the_hand_computation_from_its_metrics(short_run):
+    folder, _, printed = short_run
+    records = read_metrics(folder)
+    # 4 steps: a tenth is 1 step; the spread is the mean of the 4 within-step stds.
+    spread = np.mean([r["reward_std"] for r in records])
+    hand = (records[3]["reward_mean"] - records[0]["reward_mean"]) / spread
+    got = F.effect_size(records)
+    assert got["effect"] == pytest.approx(hand, rel=1e-12) and got["std"] == pytest.approx(spread, rel=1e-12)
+    assert got["eval_first"] == (3, records[2]["eval_reward"]) and got["eval_last"] == (4, records[3]["eval_reward"])
+    (line,) = [line for line in printed.splitlines() if line.startswith("effect size:")]
+    assert line == F.effect_size_line(records) and f"{hand:+.2f} within-step stds" in line
+
+
+def test_effect_size_averages_a_tenth_of_the_steps():
+    # 25 steps: a tenth is 2 steps. reward_mean = step / 10; std 0.1 on odd steps, 0.3 on even ones.
+    records = [{"step": s, "reward_mean": s / 10, "reward_std": 0.1 if s % 2 else 0.3} for s in range(1, 26)]
+    got = F.effect_size(records)
+    first, last, spread = (0.1 + 0.2) / 2, (2.4 + 2.5) / 2, (13 * 0.1 + 12 * 0.3) / 25
+    assert (got["first"], got["last"], got["std"]) == pytest.approx((first, last, spread))
+    assert got["effect"] == pytest.approx((last - first) / spread)
+    assert got["first_steps"] == (1, 2) and got["last_steps"] == (24, 25) and got["eval_first"] is None
+
+
+def test_curves_are_drawn_at_each_evaluation(short_run):
+    folder, lines_at_figure, _ = short_run
+    assert lines_at_figure == [3, 4]  # after the evaluations of steps 3 and 4 were logged, not at steps 1-2
+    with Image.open(folder / "curves.png") as figure:
+        assert figure.format == "PNG" and figure.size == (1200, 750)
+    assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_without_matplotlib_one_line_and_no_figure(tmp_path, monkeypatch, capsys):
+    import sys
+
+    for name in ["matplotlib", *[m for m in sys.modules if m.startswith("matplotlib.")]]:
+        monkeypatch.setitem(sys.modules, name, None)  # importing it, or any part of it, now raises ImportError
+    monkeypatch.setattr(F, "_NOTED_NO_MATPLOTLIB", [])
+    F.train(tiny_config(tmp_path / "out", max_steps=2, eval_every=1))  # two evaluations
+    notes = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: matplotlib is not installed")
+    assert not [name for name in os.listdir(tmp_path / "out") if "curves" in name]
+
+
+def test_plot_command_draws_finished_runs(short_run, tmp_path, capsys):
+    folder, _, _ = short_run
+    F.main(["--plot", str(folder), str(folder), "--output", str(tmp_path / "both.png")])
+    with Image.open(tmp_path / "both.png") as figure:
+        assert figure.format == "PNG"
+    with pytest.raises(SystemExit) as exit:
+        F.main(["--plot", "--help"])
+    assert exit.value.code == 0 and "RUN" in capsys.readouterr().out
+    code, errors = run_cli(["--plot", str(tmp_path / "nothing")])
+    assert code == 2 and len(errors) == 1 and "holds no logged steps" in errors[0]
+    assert not os.path.exists(tmp_path / "nothing")
+    code, errors = run_cli(["--plot", str(folder), "--output", str(tmp_path / "missing" / "x.png")])
+    assert code == 2 and len(errors) == 1 and "cannot write" in errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
