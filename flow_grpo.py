@@ -10,6 +10,7 @@ Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], si
 x_sigma = (1 - sigma) * x0 + sigma * eps, the model predicts the velocity v ~ eps - x0, sampling goes
 from sigma = 1 down to 0, so dt = sigma_next - sigma < 0 and the ODE (Euler) step is x + v * dt.
 """
+
 import math
 import os
 import time
@@ -28,7 +29,7 @@ def default_cuda_allocator(environ=os.environ):
 # The allocator reads the variable once, when CUDA first allocates: set it before torch is even imported.
 default_cuda_allocator()
 
-import torch
+import torch  # noqa: E402 (after the allocator's variable, on purpose)
 
 # --------------------------------------------------------------------------------------------------
 # 1. The math
@@ -167,7 +168,9 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     rewards = rewards.double()  # the mean of equal float32 rewards is not always exactly that reward
     _, group = torch.unique(group_ids, return_inverse=True)
     n_groups = int(group.max()) + 1
-    count = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, group, torch.ones_like(rewards))
+    count = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, group, torch.ones_like(rewards)
+    )
     mean = torch.zeros_like(count).index_add_(0, group, rewards) / count
     centred = rewards - mean[group]
     if global_std:
@@ -221,9 +224,22 @@ def _batch_mean(values: torch.Tensor, weights) -> torch.Tensor:
 
 
 def grpo_step_objective(
-    log_prob, old_log_prob, advantages, clip_range: float, adv_clip: float = 5.0, *, sde_type: str = "sde",
-    mean=None, std=None, dt=None, ref_mean=None, beta: float = 0.0, kl_dt_scale: bool = True,
-    ratio_norm: bool = False, old_mean=None, weights=None,
+    log_prob,
+    old_log_prob,
+    advantages,
+    clip_range: float,
+    adv_clip: float = 5.0,
+    *,
+    sde_type: str = "sde",
+    mean=None,
+    std=None,
+    dt=None,
+    ref_mean=None,
+    beta: float = 0.0,
+    kl_dt_scale: bool = True,
+    ratio_norm: bool = False,
+    old_mean=None,
+    weights=None,
 ) -> StepObjective:
     """The whole Flow-GRPO objective of one denoising step t, to minimise (paper Eq. 5-6 and Eq. 10):
 
@@ -291,58 +307,104 @@ MODEL_ALIASES = {
 }
 # The joint-attention projections of every MMDiT block. A bare "to_q" would also hit SD3.5's attn2.
 LORA_TARGETS = [
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 ]
 BUILTIN_PROMPTS = [
-    "a red fox curled up asleep in fresh snow", "a lighthouse on a rocky cliff during a thunderstorm",
-    "a bowl of ramen with a soft-boiled egg, studio lighting", "an astronaut reading a newspaper on a park bench",
-    "a watercolor painting of a quiet canal in Venice at dawn", "three green apples on a wooden table",
-    "a cyberpunk street market at night, neon signs reflected in puddles", "a tiny house built inside a hollow tree",
-    "an origami crane made of newspaper", "a golden retriever wearing sunglasses on a surfboard",
-    "a medieval library with towering bookshelves and a spiral staircase", "a glass of orange juice next to a blue mug",
-    "a snow leopard walking along a mountain ridge", "an oil painting of sunflowers in a clay vase",
-    "a steam locomotive crossing a stone viaduct in autumn", "a robot watering plants in a greenhouse",
-    "a close-up of a hummingbird drinking from a purple flower", "a bicycle leaning against a yellow wall",
-    "a bustling harbour with fishing boats at sunrise", "a cozy reading nook with a cat and a knitted blanket",
-    "a desert with a single cactus under a starry sky", "a plate of sushi arranged like a chessboard",
-    "a koi pond with lily pads seen from above", "a vintage red car parked in front of a diner",
-    "a pencil sketch of an old man laughing", "a hot air balloon festival over green hills",
-    "an owl perched on a lantern in a misty forest", "a slice of chocolate cake with raspberries",
-    "a futuristic city floating above the clouds", "two pandas sharing bamboo in the rain",
-    "a wooden sailboat on a calm turquoise lake", "a child building a sandcastle, photographed from low angle",
+    "a red fox curled up asleep in fresh snow",
+    "a lighthouse on a rocky cliff during a thunderstorm",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "an astronaut reading a newspaper on a park bench",
+    "a watercolor painting of a quiet canal in Venice at dawn",
+    "three green apples on a wooden table",
+    "a cyberpunk street market at night, neon signs reflected in puddles",
+    "a tiny house built inside a hollow tree",
+    "an origami crane made of newspaper",
+    "a golden retriever wearing sunglasses on a surfboard",
+    "a medieval library with towering bookshelves and a spiral staircase",
+    "a glass of orange juice next to a blue mug",
+    "a snow leopard walking along a mountain ridge",
+    "an oil painting of sunflowers in a clay vase",
+    "a steam locomotive crossing a stone viaduct in autumn",
+    "a robot watering plants in a greenhouse",
+    "a close-up of a hummingbird drinking from a purple flower",
+    "a bicycle leaning against a yellow wall",
+    "a bustling harbour with fishing boats at sunrise",
+    "a cozy reading nook with a cat and a knitted blanket",
+    "a desert with a single cactus under a starry sky",
+    "a plate of sushi arranged like a chessboard",
+    "a koi pond with lily pads seen from above",
+    "a vintage red car parked in front of a diner",
+    "a pencil sketch of an old man laughing",
+    "a hot air balloon festival over green hills",
+    "an owl perched on a lantern in a misty forest",
+    "a slice of chocolate cake with raspberries",
+    "a futuristic city floating above the clouds",
+    "two pandas sharing bamboo in the rain",
+    "a wooden sailboat on a calm turquoise lake",
+    "a child building a sandcastle, photographed from low angle",
 ]
 BUILTIN_EVAL_PROMPTS = [
-    "a corgi running on a beach at sunset", "a teapot shaped like a pumpkin",
-    "a mountain village covered in snow at night", "a portrait of a woman with freckles in soft window light",
-    "a blue butterfly resting on a white rose", "a stack of pancakes with maple syrup and blueberries",
-    "an isometric illustration of a tiny island with a windmill", "a black cat sitting on a stack of old books",
+    "a corgi running on a beach at sunset",
+    "a teapot shaped like a pumpkin",
+    "a mountain village covered in snow at night",
+    "a portrait of a woman with freckles in soft window light",
+    "a blue butterfly resting on a white rose",
+    "a stack of pancakes with maple syrup and blueberries",
+    "an isometric illustration of a tiny island with a windmill",
+    "a black cat sitting on a stack of old books",
 ]
 
 # For --reward ocr without prompt files: the text to render stands in double quotes (rewards.ocr_target).
 BUILTIN_OCR_PROMPTS = [
-    'a storefront sign that says "OPEN"', 'a coffee cup with the word "Monday" printed on it',
-    'a chalkboard menu that reads "Soup of the Day"', 'a neon sign glowing "Late Night" above a bar door',
-    'a birthday cake with "Happy 30th" written in icing', 'a road sign that says "STOP" at a snowy crossing',
-    'a vintage poster with the title "Moon Trip"', 'a T-shirt with the slogan "Stay Curious"',
-    'a wooden signpost pointing to "Beach" in the dunes', 'a book cover titled "The Last Orchard"',
-    'a protest banner that says "Save the Bees"', 'a cereal box with the brand name "Crunchos"',
-    'a license plate that reads "GRPO 42"', 'a street mural with the words "Hello World"',
-    'a cinema marquee showing "Now Playing"', 'a handwritten note on the fridge saying "Buy Milk"',
-    'a laptop sticker that says "Ship It"', 'a bakery window with "Fresh Bread" painted on the glass',
-    'a train station board showing "Platform 9"', 'a graduation cap decorated with "Class of 2025"',
-    'a welcome mat that says "Go Away"', 'a tin can labelled "Tomato Soup" on a shelf',
-    'a rocket with "Mars One" painted on its side', 'a pizza box with "Hot and Fresh" printed on the lid',
-    'a lighthouse with "North Point" written on its base', 'a kite shaped like a dragon with "Fly High" on its wing',
-    'a gym wall with the motto "No Excuses"', 'a vintage radio with the brand "Sonora" on its grille',
-    'a dog collar tag engraved "Biscuit"', 'a library stamp that reads "Overdue"',
-    'a sand drawing on a beach that spells "Summer"', 'a green exit sign that reads "EXIT"',
+    'a storefront sign that says "OPEN"',
+    'a coffee cup with the word "Monday" printed on it',
+    'a chalkboard menu that reads "Soup of the Day"',
+    'a neon sign glowing "Late Night" above a bar door',
+    'a birthday cake with "Happy 30th" written in icing',
+    'a road sign that says "STOP" at a snowy crossing',
+    'a vintage poster with the title "Moon Trip"',
+    'a T-shirt with the slogan "Stay Curious"',
+    'a wooden signpost pointing to "Beach" in the dunes',
+    'a book cover titled "The Last Orchard"',
+    'a protest banner that says "Save the Bees"',
+    'a cereal box with the brand name "Crunchos"',
+    'a license plate that reads "GRPO 42"',
+    'a street mural with the words "Hello World"',
+    'a cinema marquee showing "Now Playing"',
+    'a handwritten note on the fridge saying "Buy Milk"',
+    'a laptop sticker that says "Ship It"',
+    'a bakery window with "Fresh Bread" painted on the glass',
+    'a train station board showing "Platform 9"',
+    'a graduation cap decorated with "Class of 2025"',
+    'a welcome mat that says "Go Away"',
+    'a tin can labelled "Tomato Soup" on a shelf',
+    'a rocket with "Mars One" painted on its side',
+    'a pizza box with "Hot and Fresh" printed on the lid',
+    'a lighthouse with "North Point" written on its base',
+    'a kite shaped like a dragon with "Fly High" on its wing',
+    'a gym wall with the motto "No Excuses"',
+    'a vintage radio with the brand "Sonora" on its grille',
+    'a dog collar tag engraved "Biscuit"',
+    'a library stamp that reads "Overdue"',
+    'a sand drawing on a beach that spells "Summer"',
+    'a green exit sign that reads "EXIT"',
 ]
 BUILTIN_OCR_EVAL_PROMPTS = [
-    'a hotel door hanger that says "Do Not Disturb"', 'a food truck with "Taco Time" on its side',
-    'a museum plaque reading "Ancient Egypt"', 'a skateboard deck with the word "Rebel"',
-    'a festival wristband printed "VIP Pass"', 'a classroom whiteboard that says "Quiz Today"',
-    'a flag waving with the word "Freedom"', 'a bottle label that reads "Olive Oil"',
+    'a hotel door hanger that says "Do Not Disturb"',
+    'a food truck with "Taco Time" on its side',
+    'a museum plaque reading "Ancient Egypt"',
+    'a skateboard deck with the word "Rebel"',
+    'a festival wristband printed "VIP Pass"',
+    'a classroom whiteboard that says "Quiz Today"',
+    'a flag waving with the word "Freedom"',
+    'a bottle label that reads "Olive Oil"',
 ]
 
 
@@ -355,7 +417,10 @@ class Config:
     """Every field is a CLI flag (--group-size 8). Defaults: the official SD3.5-M PickScore recipe
     adapted to one GPU (README maps them to the official 32-GPU numbers)."""
 
-    model: str = config_field("sd3.5-medium", "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' (random CPU model)")
+    model: str = config_field(
+        "sd3.5-medium",
+        "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' (random CPU model)",
+    )
     reward: str = config_field("pickscore", "reward name, weighted mix 'pickscore=1,aesthetic=0.2', or module:function")
     reward_model_dir: str = config_field("", "NAME=FOLDER[,NAME=FOLDER]: load a reward model from a local folder")
     prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
@@ -368,22 +433,36 @@ class Config:
     eval_num_steps: int = config_field(40, "denoising steps of the evaluation ODE")
     guidance_scale: float = config_field(4.5, "classifier-free guidance in rollout, training and eval; 1 turns CFG off")
     sde_type: str = config_field("sde", "'sde' (Flow-GRPO, Eq. 9) or 'cps' (coefficients-preserving sampling)")
-    noise_level: float = config_field(0.7, "a in sigma_t = a sqrt(sigma / (1 - sigma)); for cps, a in std = sigma_next sin(a pi / 2)")
-    sde_window: int = config_field(0, "Flow-GRPO-Fast: only K consecutive SDE steps (ODE elsewhere), and only they are trained; 0 = all")
+    noise_level: float = config_field(
+        0.7, "a in sigma_t = a sqrt(sigma / (1 - sigma)); for cps, a in std = sigma_next sin(a pi / 2)"
+    )
+    sde_window: int = config_field(
+        0, "Flow-GRPO-Fast: only K consecutive SDE steps (ODE elsewhere), and only they are trained; 0 = all"
+    )
     # GRPO (paper Sec. 4.3, Eq. 4-6)
     group_size: int = config_field(8, "images per prompt, G (official: 24)")
     groups_per_step: int = config_field(8, "prompts per step, summed over all ranks (official: 48)")
     batch_size: int = config_field(8, "images per forward pass and rank; a group may span batches and ranks")
-    updates_per_step: int = config_field(2, "optimizer steps per rollout step, each on whole trajectories (gradient accumulation in between)")
-    clip_range: float = config_field(1e-4, "epsilon of the clipped ratio (log-probs are averaged over dims, hence tiny)")
+    updates_per_step: int = config_field(
+        2, "optimizer steps per rollout step, each on whole trajectories (gradient accumulation in between)"
+    )
+    clip_range: float = config_field(
+        1e-4, "epsilon of the clipped ratio (log-probs are averaged over dims, hence tiny)"
+    )
     adv_clip: float = config_field(5.0, "advantages are clamped to +-adv_clip")
-    global_std: bool = config_field(True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)")
+    global_std: bool = config_field(
+        True, "normalise advantages by the std of all rewards of the step (official) instead of the group's (paper)"
+    )
     beta: float = config_field(0.01, "KL weight (official: 0.01 PickScore, 0.04 GenEval/OCR)")
     kl_dt_scale: bool = config_field(
-        True, "sde: KL as the official code, |dt| x the exact KL (beta was tuned for it); cps: exact, as official")
+        True, "sde: KL as the official code, |dt| x the exact KL (beta was tuned for it); cps: exact, as official"
+    )
     ratio_norm: bool = config_field(
-        False, "GRPO-Guard (arXiv 2510.22319): RatioNorm of the log-ratio, 1/|dt| gradient reweighting (sde only)")
-    train_fraction: float = config_field(0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never")
+        False, "GRPO-Guard (arXiv 2510.22319): RatioNorm of the log-ratio, 1/|dt| gradient reweighting (sde only)"
+    )
+    train_fraction: float = config_field(
+        0.99, "train the first int(num_steps * fraction) steps: the last (sigma 0.009 -> 0) never"
+    )
     # Optimiser and LoRA
     lr: float = config_field(3e-4, "AdamW learning rate (constant)")
     weight_decay: float = config_field(1e-4, "AdamW weight decay")
@@ -398,10 +477,14 @@ class Config:
     save_every: int = config_field(20, "write a checkpoint (LoRA, EMA, optimizer, step) every this many steps")
     keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
-    dtype: str = config_field("auto", "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)")
+    dtype: str = config_field(
+        "auto",
+        "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)",
+    )
     # Memory (a 24 GB GPU: README)
     precompute_text_embeds: bool = config_field(
-        False, "encode every prompt once into OUT/text_embeds on disk (1.7 MB each for SD3.5), then free the encoders")
+        False, "encode every prompt once into OUT/text_embeds on disk (1.7 MB each for SD3.5), then free the encoders"
+    )
     gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
     # Speed (README)
     compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
@@ -412,7 +495,8 @@ def parse_config(argv=None) -> Config:
 
     parser = argparse.ArgumentParser(
         description="Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)",
-        epilog="python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)")
+        epilog="python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)",
+    )
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type is bool or f.type == "bool":
@@ -442,12 +526,17 @@ def resolve_model(model: str) -> str:
     if os.path.isdir(model):
         index = os.path.join(model, "model_index.json")
         if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
-            raise UsageError(f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)")
+            raise UsageError(
+                f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)"
+            )
         return model
     if model in MODEL_ALIASES:
         return MODEL_ALIASES[model]
     if model.count("/") != 1:
-        raise UsageError(f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a local folder")
+        raise UsageError(
+            f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a "
+            "local folder"
+        )
     return model
 
 
@@ -462,7 +551,10 @@ def load_pipeline(model: str, dtype: torch.dtype):
     try:
         return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
     except OSError as error:
-        raise UsageError(f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the model elsewhere and pass its local folder with --model PATH") from None
+        raise UsageError(
+            f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the "
+            "model elsewhere and pass its local folder with --model PATH"
+        ) from None
 
 
 def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
@@ -473,7 +565,9 @@ def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
 
     base_dtype = transformer.dtype
     transformer.requires_grad_(False)
-    lora_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    lora_config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+    )
     torch.manual_seed(cfg.seed)
     # autocast_adapter_dtype (default) keeps the LoRA in fp32 over bf16/fp16 base weights.
     model = get_peft_model(transformer, lora_config)
@@ -581,8 +675,14 @@ def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device
     (it encodes "" once per prompt): the reference that text_encoder_for's functions are tested against."""
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, num_images_per_prompt=group_size,
-            do_classifier_free_guidance=guidance_scale > 1, negative_prompt="", max_sequence_length=128,
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            num_images_per_prompt=group_size,
+            do_classifier_free_guidance=guidance_scale > 1,
+            negative_prompt="",
+            max_sequence_length=128,
         )
     if guidance_scale > 1:
         return TextEmbeddings(torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]))
@@ -593,7 +693,12 @@ def encode_text(pipe, prompts, device) -> TextEmbeddings:
     """The embeddings of each prompt once, no negative: one row per prompt, the rows encode_prompts repeats."""
     with torch.no_grad():
         embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts, prompts, prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
             max_sequence_length=128,
         )
     return TextEmbeddings(embeds, pooled)
@@ -656,8 +761,10 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if not TextCache.holds(folder, fingerprint):
-        raise UsageError(f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
-                         "--out must be on a filesystem that every process (every node) shares")
+        raise UsageError(
+            f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
+            "--out must be on a filesystem that every process (every node) shares"
+        )
     return TextCache(folder, prompts, device, cfg.guidance_scale > 1)
 
 
@@ -669,8 +776,14 @@ def text_cache_fingerprint(model: str, dtype: torch.dtype, prompts) -> dict:
     import hashlib
 
     digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
-    return {"version": TEXT_CACHE_VERSION, "model": model, "dtype": str(dtype), "max_sequence_length": 128,
-            "rows": len(prompts), "prompts_sha256": digest}
+    return {
+        "version": TEXT_CACHE_VERSION,
+        "model": model,
+        "dtype": str(dtype),
+        "max_sequence_length": 128,
+        "rows": len(prompts),
+        "prompts_sha256": digest,
+    }
 
 
 def all_ranks_agree(flag: bool, device, world: int) -> bool:
@@ -707,9 +820,11 @@ def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, worl
     needed = len(prompts) * sum(row_bytes.values())
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
     if free < needed:  # every process sees the same disk, so all of them stop here: no one waits at a barrier
-        raise UsageError(f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
-                         f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
-                         "choose another --out")
+        raise UsageError(
+            f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
+            f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
+            "choose another --out"
+        )
     if rank == 0:
         os.makedirs(tmp)
         for name in shapes:
@@ -720,6 +835,7 @@ def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, worl
     # official set's long prompts, thousands of warnings.
     diffusers_logging.set_verbosity_error()
     try:
+
         def put(start, text):
             for name, value in zip(shapes, text):
                 with open(f"{tmp}/{name}.bin", "r+b") as f:
@@ -808,8 +924,11 @@ def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_sca
     model_input = torch.cat([x, x]) if cfg else x
     dtype = text.embeds.dtype
     v = transformer(
-        hidden_states=model_input.to(dtype), timestep=timestep.expand(model_input.shape[0]),
-        encoder_hidden_states=text.embeds, pooled_projections=text.pooled, return_dict=False,
+        hidden_states=model_input.to(dtype),
+        timestep=timestep.expand(model_input.shape[0]),
+        encoder_hidden_states=text.embeds,
+        pooled_projections=text.pooled,
+        return_dict=False,
     )[0].float()
     if cfg:
         v_uncond, v_cond = v.chunk(2)
@@ -830,7 +949,9 @@ def schedule(pipe, num_steps: int, device):
 
 
 @torch.no_grad()
-def sample(transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None) -> Trajectory:
+def sample(
+    transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None
+) -> Trajectory:
     """Run the sampler from pure noise: step j uses noise level noise_levels[j] (0 = ODE)."""
     trajectory, log_probs, means = [latents.float()], [], []
     x = latents.float()
@@ -904,7 +1025,9 @@ def save_lora(transformer, lora_config, folder):
     state = get_peft_model_state_dict(transformer)
     state = {k.removeprefix("base_model.model."): v.detach().cpu().contiguous() for k, v in state.items()}
     # Without the adapter metadata diffusers would scale by 1 instead of alpha / r.
-    StableDiffusion3Pipeline.save_lora_weights(folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config.to_dict())
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config.to_dict()
+    )
 
 
 def read_prompts(path: str, builtin):
@@ -914,7 +1037,9 @@ def read_prompts(path: str, builtin):
         with open(path, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}") from None
+        raise UsageError(
+            f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}"
+        ) from None
     if not prompts:
         raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
     return prompts
@@ -1040,7 +1165,9 @@ class RolloutBatch(NamedTuple):
     trajectory: Trajectory
 
 
-def step_loss(transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config):
+def step_loss(
+    transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config
+):
     """The objective of denoising step j of one rollout batch (grpo_step_objective: Eq. 5-6 + beta KL, Eq. 10),
     weighted per sample; returns the loss, its parts for the log (means over the informative samples) and the
     ratio of each sample."""
@@ -1056,12 +1183,27 @@ def step_loss(transformer, batch: RolloutBatch, j: int, advantages, weights, sig
             v_ref = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
         ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
     objective = grpo_step_objective(
-        out.log_prob, batch.trajectory.log_probs[:, j], advantages, cfg.clip_range, cfg.adv_clip, sde_type=cfg.sde_type,
-        mean=out.mean, std=out.std, dt=sigmas[j + 1] - sigmas[j], ref_mean=ref_mean, beta=cfg.beta,
-        kl_dt_scale=cfg.kl_dt_scale, ratio_norm=cfg.ratio_norm, old_mean=batch.trajectory.means[:, j], weights=weights,
+        out.log_prob,
+        batch.trajectory.log_probs[:, j],
+        advantages,
+        cfg.clip_range,
+        cfg.adv_clip,
+        sde_type=cfg.sde_type,
+        mean=out.mean,
+        std=out.std,
+        dt=sigmas[j + 1] - sigmas[j],
+        ref_mean=ref_mean,
+        beta=cfg.beta,
+        kl_dt_scale=cfg.kl_dt_scale,
+        ratio_norm=cfg.ratio_norm,
+        old_mean=batch.trajectory.means[:, j],
+        weights=weights,
     )
     total = weights.sum()  # the weighted sums back as means over the informative samples
-    parts = {name: (getattr(objective, name) / total).item() for name in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction")}
+    parts = {
+        name: (getattr(objective, name) / total).item()
+        for name in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction")
+    }
     return objective.loss, parts, objective.ratio
 
 
@@ -1149,8 +1291,11 @@ def check_flags(cfg: Config):
     need(cfg.beta >= 0, "beta", "use 0 (no KL) or a positive KL weight (0.01 is the official for PickScore)")
     need(0 < cfg.train_fraction <= 1, "train_fraction", "use a fraction in (0, 1] (0.99: every step but the last)")
     if not cfg.sde_window:  # Flow-GRPO-Fast trains its window, whatever the fraction
-        need(int(cfg.num_steps * cfg.train_fraction) >= 1, "train_fraction",
-             f"of --num-steps {cfg.num_steps} is no step to train: raise either")
+        need(
+            int(cfg.num_steps * cfg.train_fraction) >= 1,
+            "train_fraction",
+            f"of --num-steps {cfg.num_steps} is no step to train: raise either",
+        )
     need(cfg.lr > 0, "lr", "use a positive learning rate (3e-4 is the official)")
     need(cfg.weight_decay >= 0, "weight_decay", "use 0 or a positive weight decay (1e-4 is the official)")
     need(cfg.max_grad_norm > 0, "max_grad_norm", "use a positive gradient-norm clip (1.0 is the official)")
@@ -1177,20 +1322,24 @@ def check_config(cfg: Config, dist: Distributed):
     images = cfg.groups_per_step * cfg.group_size
     if cfg.batch_size < 1 or images % (cfg.batch_size * dist.world):
         raise UsageError(
-            f"--groups-per-step {cfg.groups_per_step} x --group-size {cfg.group_size} = {images} images must split into "
+            f"--groups-per-step {cfg.groups_per_step} x --group-size {cfg.group_size} = {images} images must split "
+            "into "
             f"batches of --batch-size {cfg.batch_size} on {dist.world} process(es)"
         )
     batches = images // (cfg.batch_size * dist.world)
     if not 1 <= cfg.updates_per_step <= batches:
         raise UsageError(
-            f"--updates-per-step {cfg.updates_per_step}: use 1..{batches}, the rollout batches per process (an optimizer "
+            f"--updates-per-step {cfg.updates_per_step}: use 1..{batches}, the rollout batches per process "
+            "(an optimizer "
             f"step takes whole trajectories)"
         )
     if cfg.sde_type not in ("sde", "cps"):
         raise UsageError(f"--sde-type {cfg.sde_type}: use sde or cps")
     largest = 1.5 if cfg.sde_type == "sde" else 1.0  # cps: sin(a pi / 2) peaks at a = 1
     if not 0 < cfg.noise_level <= largest:
-        raise UsageError(f"--noise-level {cfg.noise_level}: use (0, {largest}] for {cfg.sde_type} (0.7 for sde, 0.8 for cps)")
+        raise UsageError(
+            f"--noise-level {cfg.noise_level}: use (0, {largest}] for {cfg.sde_type} (0.7 for sde, 0.8 for cps)"
+        )
     if cfg.sde_window < 0 or cfg.sde_window > cfg.num_steps // 2:
         raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
     if cfg.ratio_norm and cfg.sde_type != "sde":
@@ -1246,7 +1395,15 @@ def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_
     for start in tqdm(range(0, len(mine), cfg.batch_size), desc="eval", leave=False, disable=not dist.main):
         prompts = mine[start : start + cfg.batch_size]
         noise = torch.randn(len(prompts), *latent_shape(pipe, cfg), generator=seeded(cfg.seed, -1, dist.rank, start))
-        out = sample(transformer, text_for(prompts, 1), noise.to(dist.device), sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps)
+        out = sample(
+            transformer,
+            text_for(prompts, 1),
+            noise.to(dist.device),
+            sigmas,
+            timesteps,
+            cfg.guidance_scale,
+            [0.0] * cfg.eval_num_steps,
+        )
         batch_images = decode_images(pipe, out.latents[:, -1])
         images += batch_images
         result = score(reward_fn, batch_images, prompts)
@@ -1323,13 +1480,16 @@ def train(cfg: Config):
     dist = setup_distributed()
     check_config(cfg, dist)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32)
+        cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    )
     prompts, eval_prompts = read_prompt_sets(cfg)
     check_output_folder(cfg, lock=dist.main)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     try:
-        reward_fn = rewards.load_reward(cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
+        reward_fn = rewards.load_reward(
+            cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir)
+        )
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -1382,7 +1542,9 @@ def train(cfg: Config):
         noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
         # G images per prompt, prompt after prompt; each rank takes a contiguous slice, so a group may
         # span batches and ranks (the official recipe spreads a group of 24 over GPUs).
-        image_prompts = [p for p in prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed) for _ in range(cfg.group_size)]
+        image_prompts = [
+            p for p in prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed) for _ in range(cfg.group_size)
+        ]
         my_prompts = image_prompts[dist.rank * images_per_rank : (dist.rank + 1) * images_per_rank]
 
         # 1. Rollout: G images per prompt with the SDE, recording x_t and log pi_old at every step.
@@ -1394,7 +1556,9 @@ def train(cfg: Config):
             # draws the same images.
             generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
             noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
-            trajectory = sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator)
+            trajectory = sample(
+                transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator
+            )
             batches.append(RolloutBatch(batch_prompts, text, trajectory))
         timer["rollout"] = clock(dist.device) - started
 
@@ -1421,8 +1585,13 @@ def train(cfg: Config):
         stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
         first_ratio_error = None
         nonfinite_updates = overflow_updates = 0
-        progress = tqdm(total=0 if skip else num_batches * len(trained_steps), desc=f"step {step + 1} train", leave=False, disable=not dist.main)
-        for chunk in ([] if skip else chunks):
+        progress = tqdm(
+            total=0 if skip else num_batches * len(trained_steps),
+            desc=f"step {step + 1} train",
+            leave=False,
+            disable=not dist.main,
+        )
+        for chunk in [] if skip else chunks:
             if not weights[:, chunk].any():
                 continue  # no informative sample on any rank: no optimizer step
             losses_finite = True
@@ -1431,7 +1600,18 @@ def train(cfg: Config):
                     progress.update(len(trained_steps))
                     continue  # nothing to learn from this batch (its gradient would be 0)
                 for j in trained_steps:
-                    loss, parts, ratio = step_loss(transformer, batches[b], j, mine[b], my_weights[b], sigmas, timesteps, noise_levels, step_fn, cfg)
+                    loss, parts, ratio = step_loss(
+                        transformer,
+                        batches[b],
+                        j,
+                        mine[b],
+                        my_weights[b],
+                        sigmas,
+                        timesteps,
+                        noise_levels,
+                        step_fn,
+                        cfg,
+                    )
                     scaler.scale(loss).backward()
                     if first_ratio_error is None:  # before any update: must be 0 (on-policy)
                         first_ratio_error = (ratio - 1).abs().max().item()
@@ -1454,7 +1634,8 @@ def train(cfg: Config):
                 if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
                     raise TrainingDiverged(
                         f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}: lower --lr or "
-                        f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints")
+                        f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints"
+                    )
         progress.close()
         timer["train"] = clock(dist.device) - started
 
@@ -1480,13 +1661,22 @@ def train(cfg: Config):
         if dist.main:
             if compiles and record["seconds_compile"]:  # once, unless something recompiles
                 where = f"step {step + 1}" + (" and the evaluation at step 0" if step == 0 else "")
-                print(f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
-                      f" {record['compilations']} graphs so far", flush=True)
+                print(
+                    f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
+                    f" {record['compilations']} graphs so far",
+                    flush=True,
+                )
             evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
-            print(f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
-                  f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}", flush=True)
+            print(
+                f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} "
+                f"| kl {record['kl']:.2e}"
+                f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}",
+                flush=True,
+            )
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config, scaler)
+                save_checkpoint(
+                    cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config, scaler
+                )
     if dist.main:
         print(effect_size_line(read_metrics(cfg.out)), flush=True)
         with swap_in(params, ema_params if cfg.ema else params):
@@ -1529,7 +1719,9 @@ def check_resolution(pipe, cfg: Config):
     patch = pipe.transformer.config.patch_size
     largest = pipe.transformer.config.pos_embed_max_size * patch * scale
     if cfg.resolution % (scale * patch) or cfg.resolution > largest:
-        raise UsageError(f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px")
+        raise UsageError(
+            f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px"
+        )
 
 
 MAX_NONFINITE_IN_A_ROW = 3
@@ -1634,8 +1826,12 @@ def effect_size(records) -> dict:
     last = sum(r["reward_mean"] for r in steps[-k:]) / k
     spread = sum(r["reward_std"] for r in steps) / len(steps)
     return {
-        "first": first, "last": last, "std": spread, "effect": (last - first) / spread if spread > 0 else math.nan,
-        "first_steps": (steps[0]["step"], steps[k - 1]["step"]), "last_steps": (steps[-k]["step"], steps[-1]["step"]),
+        "first": first,
+        "last": last,
+        "std": spread,
+        "effect": (last - first) / spread if spread > 0 else math.nan,
+        "first_steps": (steps[0]["step"], steps[k - 1]["step"]),
+        "last_steps": (steps[-k]["step"], steps[-1]["step"]),
         "eval_first": (evals[0]["step"], evals[0]["eval_reward"]) if evals else None,
         "eval_last": (evals[-1]["step"], evals[-1]["eval_reward"]) if evals else None,
     }
@@ -1646,9 +1842,11 @@ def effect_size_line(records) -> str:
     e = effect_size(records)
     if not e:
         return "effect size: no steps logged"
-    line = (f"effect size: {e['effect']:+.2f} within-step stds (rollout reward {e['first']:.5g} over steps "
-            f"{e['first_steps'][0]}-{e['first_steps'][1]} -> {e['last']:.5g} over steps {e['last_steps'][0]}-"
-            f"{e['last_steps'][1]}; mean within-step std {e['std']:.2g})")
+    line = (
+        f"effect size: {e['effect']:+.2f} within-step stds (rollout reward {e['first']:.5g} over steps "
+        f"{e['first_steps'][0]}-{e['first_steps'][1]} -> {e['last']:.5g} over steps {e['last_steps'][0]}-"
+        f"{e['last_steps'][1]}; mean within-step std {e['std']:.2g})"
+    )
     if e["eval_first"]:
         line += f"; eval reward {e['eval_first'][1]:.5g} at step {e['eval_first'][0]}"
         line += f" -> {e['eval_last'][1]:.5g} at step {e['eval_last'][0]}"
@@ -1689,8 +1887,13 @@ def write_curves(folders, path: str) -> bool:
         reward_ax.plot(step, mean, color=colour, label=f"{name}rollout (SDE), mean ± std")
         reward_ax.fill_between(step, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
         evals = [r for r in records if "eval_reward" in r]
-        reward_ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o--", color=colour,
-                       label=f"{name}eval ({eval_steps})")
+        reward_ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_reward"] for r in evals],
+            "o--",
+            color=colour,
+            label=f"{name}eval ({eval_steps})",
+        )
         kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
         for key, style, label in kls:
             if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
@@ -1719,22 +1922,30 @@ def plot_main(argv):
     import sys
 
     parser = argparse.ArgumentParser(
-        prog="flow_grpo.py --plot", description="Draw the curves of finished runs from their metrics.jsonl (the figure "
-        "training writes to OUT/curves.png at each evaluation); several runs are overlaid, one colour each.")
+        prog="flow_grpo.py --plot",
+        description="Draw the curves of finished runs from their metrics.jsonl (the figure "
+        "training writes to OUT/curves.png at each evaluation); several runs are overlaid, one colour each.",
+    )
     parser.add_argument("runs", nargs="+", metavar="RUN", help="the output folder (--out) of a run")
-    parser.add_argument("--output", default="", help="PNG to write (default: RUN/curves.png for one run, "
-                        "./curves.png for several)")
+    parser.add_argument(
+        "--output", default="", help="PNG to write (default: RUN/curves.png for one run, ./curves.png for several)"
+    )
     args = parser.parse_args(argv)
     for run in args.runs:
         if not read_metrics(run):
-            print(f"error: {run} holds no logged steps (no {os.path.join(run, 'metrics.jsonl')}): pass the --out "
-                  "folder of a run that has taken a step", file=sys.stderr)
+            print(
+                f"error: {run} holds no logged steps (no {os.path.join(run, 'metrics.jsonl')}): pass the --out "
+                "folder of a run that has taken a step",
+                file=sys.stderr,
+            )
             sys.exit(2)
     output = args.output or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
     try:
         drawn = write_curves(args.runs, output)
     except OSError as error:
-        print(f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr)
+        print(
+            f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr
+        )
         sys.exit(2)
     if not drawn:
         sys.exit(1)
@@ -1748,8 +1959,9 @@ def latest_checkpoint(out: str):
     return found[-1] if found else None
 
 
-def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer, transformer,
-                    lora_config, scaler=None):
+def save_checkpoint(
+    cfg: Config, step: int, optimizer_step: int, params, ema_params, optimizer, transformer, lora_config, scaler=None
+):
     """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint. It also
     holds the (EMA) LoRA in diffusers' format, as lora/ at the end of a run, so the weights of a run
     that died are usable with load_lora_weights(CHECKPOINT) without resuming it."""
@@ -1770,7 +1982,10 @@ def save_checkpoint(cfg: Config, step: int, optimizer_step: int, params, ema_par
     torch.save(optimizer.state_dict(), f"{tmp}/optimizer.pt")
     # All sampling noise comes from generators seeded by (seed, step, rank), so the step restores it;
     # the global states are kept for anything else that draws from them.
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, f"{tmp}/rng.pt")
+    torch.save(
+        {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        f"{tmp}/rng.pt",
+    )
     with open(f"{tmp}/state.json", "w") as f:
         state = {"step": step, "optimizer_step": optimizer_step}
         if scaler is not None and scaler.is_enabled():  # fp16: the loss scale reached, for an exact resume
@@ -1798,9 +2013,11 @@ def read_checkpoint(folder: str) -> dict:
             return json.load(f)
 
     readers = {
-        "lora.safetensors": load_file, "ema.safetensors": load_file,
+        "lora.safetensors": load_file,
+        "ema.safetensors": load_file,
         "optimizer.pt": lambda path: torch.load(path, weights_only=True),
-        "rng.pt": lambda path: torch.load(path, weights_only=True), "state.json": read_json,
+        "rng.pt": lambda path: torch.load(path, weights_only=True),
+        "state.json": read_json,
     }
     saved = {}
     for name, read in readers.items():
@@ -1856,8 +2073,10 @@ def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True
             print(f"warning: damaged checkpoint {damaged[0]}{more} skipped: resuming from {folder}", flush=True)
         return steps
     if damaged:
-        raise UsageError(f"--resume: every checkpoint in {out}/checkpoints is damaged (the newest: {damaged[0]}): "
-                         f"move them away to start again from step 0")
+        raise UsageError(
+            f"--resume: every checkpoint in {out}/checkpoints is damaged (the newest: {damaged[0]}): "
+            f"move them away to start again from step 0"
+        )
     return 0, 0
 
 
@@ -1905,7 +2124,9 @@ def build_tiny_t5_tokenizer(folder):
     tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     path = os.path.join(folder, "tokenizer.json")
     tokenizer.save(path)
-    return T5TokenizerFast(tokenizer_file=path, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512)
+    return T5TokenizerFast(
+        tokenizer_file=path, extra_ids=0, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=512
+    )
 
 
 def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
@@ -1913,9 +2134,16 @@ def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
 
     # CLIP pools at eos_token_id: ids that differ from the tokenizer's would pool the wrong token, silently.
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=projection_dim,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
 
 
@@ -1925,7 +2153,12 @@ def build_tiny_pipeline(seed: int = 0):
     Images of 32 to 128 px (8x8 to 32x32 latents)."""
     import tempfile
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -1933,28 +2166,62 @@ def build_tiny_pipeline(seed: int = 0):
         clip_tokenizer = build_tiny_clip_tokenizer(folder + "/clip")
         t5_tokenizer = build_tiny_t5_tokenizer(folder + "/t5")
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
     )
     # 4x down-scaling (3 blocks), not SD3's 8x: with four random up-blocks the decoded texture hardly
     # depends on the latents, and no image reward could be learned on this model.
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4,
-        use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
     )
-    t5 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=1, num_heads=4,
-        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    ))
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
     for module in (transformer, vae, t5):
         module.eval()  # as from_pretrained leaves them: T5's dropout would make the text embeddings random
     return StableDiffusion3Pipeline(
-        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer=clip_tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(), tokenizer_2=clip_tokenizer,
-        text_encoder_3=t5, tokenizer_3=t5_tokenizer,
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(tiny_clip_text_config(clip_tokenizer)).eval(),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
     )
 
 
@@ -1987,8 +2254,10 @@ def interrupted_message(cfg: Config, argv=None) -> str:
         step = int(os.path.basename(checkpoint).removeprefix("step_"))
         return f"interrupted: the last checkpoint is {checkpoint} (step {step}); continue with: {command}"
     if os.path.exists(f"{cfg.out}/config.json"):
-        return (f"interrupted before the first checkpoint (every --save-every {cfg.save_every} steps): "
-                f"{command} starts again from step 0")
+        return (
+            f"interrupted before the first checkpoint (every --save-every {cfg.save_every} steps): "
+            f"{command} starts again from step 0"
+        )
     return f"interrupted before the run started, nothing to resume; start it again: {rerun_command(argv, resume=False)}"
 
 

@@ -195,14 +195,10 @@ def validate_scores(name: str, scores, n: int) -> torch.Tensor:
             f"return {n} floats (list, numpy array or tensor)"
         ) from None
     if tuple(tensor.shape) != (n,):
-        raise ValueError(
-            f"reward {name!r} returned shape {tuple(tensor.shape)}; expected ({n},), one float per image"
-        )
+        raise ValueError(f"reward {name!r} returned shape {tuple(tensor.shape)}; expected ({n},), one float per image")
     bad = (~torch.isfinite(tensor)).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(
-            f"reward {name!r} returned non-finite values (NaN/inf) at indices {bad[:8]} of {n}"
-        )
+        raise ValueError(f"reward {name!r} returned non-finite values (NaN/inf) at indices {bad[:8]} of {n}")
     return tensor
 
 

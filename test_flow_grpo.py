@@ -1,5 +1,6 @@
 """Tests of Flow-GRPO: the math against independent computations, the toy, and the full SD3 path on
 tiny random models built here (no model hub is ever contacted)."""
+
 import dataclasses
 import io
 import json
@@ -79,7 +80,9 @@ def test_per_sample_sigmas_equal_one_call_per_sample():
     sigmas, sigmas_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.96, 0.45, 0.1])
     batched = F.sde_step(v, x, sigmas, sigmas_next, 0.7, prev_x=prev)
     for i in range(3):
-        single = F.sde_step(v[i : i + 1], x[i : i + 1], sigmas[i].item(), sigmas_next[i].item(), 0.7, prev_x=prev[i : i + 1])
+        single = F.sde_step(
+            v[i : i + 1], x[i : i + 1], sigmas[i].item(), sigmas_next[i].item(), 0.7, prev_x=prev[i : i + 1]
+        )
         torch.testing.assert_close(batched.log_prob[i : i + 1], single.log_prob)
         torch.testing.assert_close(batched.mean[i : i + 1], single.mean)
 
@@ -148,9 +151,19 @@ def test_sde_keeps_the_analytic_marginal(noise_level, stop_at):
 
 def test_sde_without_the_score_correction_does_not_keep_the_marginal():
     """Control for the test above: adding noise to the plain Euler step widens the final samples."""
+
     def naive_step(v, x, sigma, sigma_next, noise_level, generator=None):
-        std = noise_level * math.sqrt(sigma / (1 - sigma) if sigma < 1 else 1 / (1 - sigma_next)) * math.sqrt(sigma - sigma_next)
-        return F.StepOutput(x + v * (sigma_next - sigma) + std * torch.randn(x.shape, generator=generator, dtype=x.dtype), None, None, None)
+        std = (
+            noise_level
+            * math.sqrt(sigma / (1 - sigma) if sigma < 1 else 1 / (1 - sigma_next))
+            * math.sqrt(sigma - sigma_next)
+        )
+        return F.StepOutput(
+            x + v * (sigma_next - sigma) + std * torch.randn(x.shape, generator=generator, dtype=x.dtype),
+            None,
+            None,
+            None,
+        )
 
     x = _run_sampler(naive_step, 0.7, torch.zeros(2, dtype=torch.float64), 0.5)
     assert x.std(0).min() > 0.5 * 1.5
@@ -187,7 +200,9 @@ def test_cps_coefficients_are_preserved():
     x = (1 - sigma) * x0 + sigma * x1
     out = F.cps_step(x1 - x0, x, sigma, sigma_next, a, generator=g)
     std = sigma_next * math.sin(a * math.pi / 2)
-    torch.testing.assert_close(out.mean, (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.mean, (1 - sigma_next) * x0 + math.sqrt(sigma_next**2 - std**2) * x1, rtol=1e-5, atol=1e-5
+    )
     noise_part = out.prev_x - (1 - sigma_next) * x0
     assert noise_part.std().item() == pytest.approx(sigma_next, rel=0.01)
     assert (noise_part * x0).mean().abs().item() < 0.01  # uncorrelated with the data
@@ -259,8 +274,16 @@ def test_cps_training_ratio_and_gradient_are_the_official_ones(clip_range):
         advantages = 3 * torch.randn(6, generator=g, dtype=torch.float64)
         old = F.cps_step(v_old, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, generator=g)
         new = F.cps_step(v, x, SD3_SIGMAS[j], SD3_SIGMAS[j + 1], 0.8, prev_x=old.prev_x)
-        ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, sde_type="cps", mean=new.mean,
-                                     std=new.std, dt=SD3_SIGMAS[j + 1] - SD3_SIGMAS[j])
+        ours = F.grpo_step_objective(
+            new.log_prob,
+            old.log_prob,
+            advantages,
+            clip_range,
+            sde_type="cps",
+            mean=new.mean,
+            std=new.std,
+            dt=SD3_SIGMAS[j + 1] - SD3_SIGMAS[j],
+        )
 
         def official_log_prob(mean):
             return -((old.prev_x - mean) ** 2).mean(dim=(1, 2))
@@ -293,9 +316,19 @@ def test_kl_scale_per_sampler_is_the_official_one():
         official = (((theta.mean - ref.mean) ** 2).mean(dim=(1, 2)) / (2 * std_dev_t**2)).mean()
         exact = F.gaussian_kl(theta.mean, ref.mean, theta.std).mean()
         for kl_dt_scale in (True, False):
-            ours = F.grpo_step_objective(theta.log_prob, theta.log_prob.detach(), advantages, 1e-4, sde_type=sde_type,
-                                         mean=theta.mean, std=theta.std, dt=sigma_next - sigma, ref_mean=ref.mean,
-                                         beta=0.3, kl_dt_scale=kl_dt_scale)
+            ours = F.grpo_step_objective(
+                theta.log_prob,
+                theta.log_prob.detach(),
+                advantages,
+                1e-4,
+                sde_type=sde_type,
+                mean=theta.mean,
+                std=theta.std,
+                dt=sigma_next - sigma,
+                ref_mean=ref.mean,
+                beta=0.3,
+                kl_dt_scale=kl_dt_scale,
+            )
             expected = official if kl_dt_scale or sde_type == "cps" else exact
             assert ours.kl.item() == pytest.approx(expected.item(), rel=1e-6)
             assert ours.loss.item() == pytest.approx(ours.policy_loss.item() + 0.3 * expected.item(), rel=1e-6)
@@ -343,8 +376,17 @@ def test_ratio_norm_objective_is_the_official_grpo_guard_one():
     sigma, sigma_next, a, clip_range = SD3_SIGMAS[6], SD3_SIGMAS[7], 0.7, 7e-3
     old = F.sde_step(v_old, x, sigma, sigma_next, a, generator=g)
     new = F.sde_step(v, x, sigma, sigma_next, a, prev_x=old.prev_x)
-    ours = F.grpo_step_objective(new.log_prob, old.log_prob, advantages, clip_range, mean=new.mean, std=new.std,
-                                 dt=sigma_next - sigma, ratio_norm=True, old_mean=old.mean)
+    ours = F.grpo_step_objective(
+        new.log_prob,
+        old.log_prob,
+        advantages,
+        clip_range,
+        mean=new.mean,
+        std=new.std,
+        dt=sigma_next - sigma,
+        ratio_norm=True,
+        old_mean=old.mean,
+    )
     sigma_t, sqrt_dt = a * torch.sqrt(sigma / (1 - sigma)), torch.sqrt(sigma - sigma_next)
 
     def log_prob(mean):
@@ -371,10 +413,12 @@ def test_objective_weights_drop_samples_and_the_loss_is_policy_plus_beta_kl():
     mean, ref_mean = torch.randn(6, 4, generator=g).requires_grad_(), torch.randn(6, 4, generator=g)
     keep = torch.tensor([True, False, True, True, False, True])
     common = dict(clip_range=0.05, std=0.3, dt=-0.1, beta=0.2)
-    weighted = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
-                                     weights=keep.float() / keep.sum(), **common)
-    alone = F.grpo_step_objective(log_prob[keep], old[keep], advantages[keep], mean=mean[keep], ref_mean=ref_mean[keep],
-                                  **common)
+    weighted = F.grpo_step_objective(
+        log_prob, old, advantages, mean=mean, ref_mean=ref_mean, weights=keep.float() / keep.sum(), **common
+    )
+    alone = F.grpo_step_objective(
+        log_prob[keep], old[keep], advantages[keep], mean=mean[keep], ref_mean=ref_mean[keep], **common
+    )
     for name in F.StepObjective._fields[:-1]:
         assert getattr(weighted, name).item() == pytest.approx(getattr(alone, name).item(), rel=1e-6, abs=1e-7), name
     grads_weighted = torch.autograd.grad(weighted.loss, (log_prob, mean))
@@ -382,8 +426,9 @@ def test_objective_weights_drop_samples_and_the_loss_is_policy_plus_beta_kl():
     for weighted_grad, alone_grad in zip(grads_weighted, grads_alone):
         assert torch.all(weighted_grad[~keep] == 0)
         torch.testing.assert_close(weighted_grad, alone_grad)  # alone indexes the same leaves: 0 where dropped
-    uniform = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean,
-                                    weights=torch.full((6,), 1 / 6), **common)
+    uniform = F.grpo_step_objective(
+        log_prob, old, advantages, mean=mean, ref_mean=ref_mean, weights=torch.full((6,), 1 / 6), **common
+    )
     default = F.grpo_step_objective(log_prob, old, advantages, mean=mean, ref_mean=ref_mean, **common)
     torch.testing.assert_close(uniform.loss, default.loss)
     assert default.loss.item() == pytest.approx(default.policy_loss.item() + 0.2 * default.kl.item(), rel=1e-6)
@@ -436,8 +481,9 @@ def test_toy_recomputed_log_prob_matches_rollout(toy):
 
 def test_toy_short_grpo_run_raises_the_reward(toy):
     cfg, base = toy
-    _, curve = toy_2d.run_grpo(base, dataclasses.replace(cfg, lr=1e-3), rollout_steps=10, beta=0.0, epochs=30,
-                               n_eval=500)
+    _, curve = toy_2d.run_grpo(
+        base, dataclasses.replace(cfg, lr=1e-3), rollout_steps=10, beta=0.0, epochs=30, n_eval=500
+    )
     assert curve[0]["epoch"] == 0 and curve[-1]["epoch"] == 30
     assert curve[-1]["reward"] > curve[0]["reward"] + 1.0, curve  # about -2.5 -> -0.5
 
@@ -449,8 +495,12 @@ def test_toy_kl_keeps_diversity_and_bounds_the_kl(toy):
     for beta in (0.0, 1.0):
         policy, curve = toy_2d.run_grpo(base, cfg, rollout_steps=10, beta=beta, epochs=40, n_eval=500)
         x, _ = toy_2d.evaluate(policy, cfg, 2000)
-        finals[beta] = dict(start=curve[0]["reward"], reward=curve[-1]["reward"], diversity=toy_2d.diversity(x),
-                            kl=toy_2d.mean_step_kl(policy, base, cfg, n=500))
+        finals[beta] = dict(
+            start=curve[0]["reward"],
+            reward=curve[-1]["reward"],
+            diversity=toy_2d.diversity(x),
+            kl=toy_2d.mean_step_kl(policy, base, cfg, n=500),
+        )
     no_kl, kl = finals[0.0], finals[1.0]
     base_div = toy_2d.diversity(toy_2d.evaluate(base, cfg, 2000)[0])
     assert kl["reward"] > kl["start"] + 0.3, finals  # the KL run still learns
@@ -483,8 +533,15 @@ def build_tiny_clip(folder, seed=0):
 
     tokenizer = F.build_tiny_clip_tokenizer(os.path.join(folder, "_tokenizer"))
     text = F.tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=16).to_dict()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=32, patch_size=8, projection_dim=16)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -549,23 +606,28 @@ def test_parse_single_and_weighted():
     assert rewards.parse_reward_spec("pickscore") == [("pickscore", 1.0)]
     assert rewards.parse_reward_spec(" pickscore=1, aesthetic=0.2 ") == [("pickscore", 1.0), ("aesthetic", 0.2)]
     assert rewards.parse_reward_spec("mymod:score=0.5,jpeg_compressibility=-1e-1") == [
-        ("mymod:score", 0.5), ("jpeg_compressibility", -0.1)]
+        ("mymod:score", 0.5),
+        ("jpeg_compressibility", -0.1),
+    ]
     # Parsing must not import the custom module.
     assert rewards.parse_reward_spec("no_such_module_xyz:fn") == [("no_such_module_xyz:fn", 1.0)]
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("pikscore", ["unknown reward 'pikscore'", "pickscore", "module:function"]),
-    ("pickscore=abc", ["malformed weight 'abc'", "name=NUMBER"]),
-    ("pickscore=", ["malformed weight"]),
-    ("pickscore=nan", ["malformed weight"]),
-    ("pickscore=1=2", ["malformed weight"]),
-    ("pickscore,,aesthetic", ["empty item"]),
-    ("", ["empty reward spec"]),
-    ("pickscore,pickscore=2", ["appears twice"]),
-    ("my mod:fn", ["malformed custom reward"]),
-    ("mymod:", ["malformed custom reward"]),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("pikscore", ["unknown reward 'pikscore'", "pickscore", "module:function"]),
+        ("pickscore=abc", ["malformed weight 'abc'", "name=NUMBER"]),
+        ("pickscore=", ["malformed weight"]),
+        ("pickscore=nan", ["malformed weight"]),
+        ("pickscore=1=2", ["malformed weight"]),
+        ("pickscore,,aesthetic", ["empty item"]),
+        ("", ["empty reward spec"]),
+        ("pickscore,pickscore=2", ["appears twice"]),
+        ("my mod:fn", ["malformed custom reward"]),
+        ("mymod:", ["malformed custom reward"]),
+    ],
+)
 def test_parse_errors(spec, words):
     with pytest.raises(ValueError) as info:
         rewards.parse_reward_spec(spec)
@@ -581,8 +643,13 @@ def test_import_is_light():
 
     heavy = "('diffusers', 'transformers', 'peft', 'huggingface_hub', 'matplotlib', 'rapidocr_onnxruntime')"
     code = f"import sys, flow_grpo, toy_2d, rewards; print(any(m in sys.modules for m in {heavy}))"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(rewards.__file__)), check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.abspath(rewards.__file__)),
+        check=True,
+    )
     assert res.stdout.strip() == "False"
 
 
@@ -706,7 +773,14 @@ def test_weighted_mix_is_weighted_sum(tiny_clip_dir, tiny_aesthetic_dir):
     dirs = {"pickscore": tiny_clip_dir, "clipscore": tiny_clip_dir, "aesthetic": tiny_aesthetic_dir}
     r = rewards.load_reward(spec, model_dirs=dirs)
     out = r(images, PROMPTS)
-    assert set(out) == {"pickscore", "clipscore", "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "reward"}
+    assert set(out) == {
+        "pickscore",
+        "clipscore",
+        "aesthetic",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "reward",
+    }
     expected = sum(w * out[name] for name, w in rewards.parse_reward_spec(spec))
     torch.testing.assert_close(out["reward"], expected)
     for name in r.names + ["reward"]:
@@ -745,8 +819,11 @@ def torchvision_believed_available(monkeypatch, tiny_clip_dir):
 
     by_name = auto.get_image_processor_class_from_name
     monkeypatch.setattr(auto, "is_torchvision_available", lambda: True)
-    monkeypatch.setattr(auto, "get_image_processor_class_from_name",
-                        lambda name: StandInTorchvisionCLIP if name == "CLIPImageProcessor" else by_name(name))
+    monkeypatch.setattr(
+        auto,
+        "get_image_processor_class_from_name",
+        lambda name: StandInTorchvisionCLIP if name == "CLIPImageProcessor" else by_name(name),
+    )
     # transformers' own choice is now the "torchvision" one, as it would be on a GPU machine.
     assert type(CLIPProcessor.from_pretrained(tiny_clip_dir).image_processor) is StandInTorchvisionCLIP
 
@@ -760,8 +837,11 @@ def test_clip_preprocessing_is_pinned_to_pil_and_equals_clips_recipe(torchvision
     tokenizer.save_pretrained(folder)
     processor = rewards.clip_processor(folder)
     assert type(processor.image_processor) is CLIPImageProcessorPil
-    images = [make_images(1, size=512, seed=1)[0], make_images(1, size=300, seed=2)[0].crop((0, 0, 300, 200)),
-              make_images(1, size=300, seed=3)[0].crop((0, 0, 180, 300))]  # square, wide, tall
+    images = [
+        make_images(1, size=512, seed=1)[0],
+        make_images(1, size=300, seed=2)[0].crop((0, 0, 300, 200)),
+        make_images(1, size=300, seed=3)[0].crop((0, 0, 180, 300)),
+    ]  # square, wide, tall
     got = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     expected = torch.stack([clip_pixels(image, 224, 224) for image in images]).float()
     # uint8 resizes are identical; what is left is float32 rounding of values of size ~2
@@ -769,8 +849,9 @@ def test_clip_preprocessing_is_pinned_to_pil_and_equals_clips_recipe(torchvision
 
 
 @pytest.mark.parametrize("name", ["pickscore", "clipscore", "aesthetic"])
-def test_every_clip_reward_scores_clips_recipe_pixels(name, torchvision_believed_available, tiny_clip_dir,
-                                                      tiny_aesthetic_dir):
+def test_every_clip_reward_scores_clips_recipe_pixels(
+    name, torchvision_believed_available, tiny_clip_dir, tiny_aesthetic_dir
+):
     from transformers import CLIPModel
 
     folder = tiny_aesthetic_dir if name == "aesthetic" else tiny_clip_dir
@@ -789,8 +870,9 @@ def test_every_clip_reward_scores_clips_recipe_pixels(name, torchvision_believed
     else:
         from transformers import CLIPTokenizer
 
-        tok = CLIPTokenizer.from_pretrained(folder)(PROMPTS, padding=True, truncation=True, max_length=77,
-                                                    return_tensors="pt")
+        tok = CLIPTokenizer.from_pretrained(folder)(
+            PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt"
+        )
         with torch.no_grad():
             t = model.text_projection(model.text_model(**tok).pooler_output)
             t = t / t.norm(dim=-1, keepdim=True)
@@ -826,10 +908,20 @@ def ocr_reward():
     return rewards.load_reward("ocr")
 
 
-@pytest.mark.parametrize("a, b, distance", [
-    ("", "", 0), ("abc", "", 3), ("", "abc", 3), ("abc", "abc", 0), ("kitten", "sitting", 3),
-    ("flaw", "lawn", 2), ("intention", "execution", 5), ("ab", "ba", 2), ("helowrld", "helloworld", 2),
-])
+@pytest.mark.parametrize(
+    "a, b, distance",
+    [
+        ("", "", 0),
+        ("abc", "", 3),
+        ("", "abc", 3),
+        ("abc", "abc", 0),
+        ("kitten", "sitting", 3),
+        ("flaw", "lawn", 2),
+        ("intention", "execution", 5),
+        ("ab", "ba", 2),
+        ("helowrld", "helloworld", 2),
+    ],
+)
 def test_edit_distance_hand_cases(a, b, distance):
     assert rewards.edit_distance(a, b) == distance
     assert rewards.edit_distance(b, a) == distance
@@ -920,7 +1012,9 @@ def test_ocr_reward_takes_the_builtin_ocr_prompts_unless_files_are_given(tmp_pat
 def test_ocr_run_with_an_unquoted_prompt_stops_before_any_work(tmp_path):
     (tmp_path / "prompts.txt").write_text('a sign that says "A"\na cat on a mat\n')
     out = tmp_path / "out"
-    code, errors = run_cli(TINY_FLAGS + ["--reward", "ocr", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out)])
+    code, errors = run_cli(
+        TINY_FLAGS + ["--reward", "ocr", "--prompts", str(tmp_path / "prompts.txt"), "--out", str(out)]
+    )
     assert code == 2 and len(errors) == 1, errors
     assert "'a cat on a mat'" in errors[0] and "prompts.txt" in errors[0]
     assert not out.exists()
@@ -929,7 +1023,7 @@ def test_ocr_run_with_an_unquoted_prompt_stops_before_any_work(tmp_path):
 # --------------------------------------------------------------------------- custom rewards
 
 
-CUSTOM_MODULE = '''
+CUSTOM_MODULE = """
 CALLS = []
 import math
 import numpy as np
@@ -943,7 +1037,7 @@ def with_nan(images, prompts):
 def not_numbers(images, prompts):
     return ["good"] * len(images)
 NOT_CALLABLE = 3
-'''
+"""
 
 
 @pytest.fixture
@@ -968,11 +1062,14 @@ def test_custom_reward(custom_module):
     assert my_reward_mod.CALLS == [4]  # one batched call
 
 
-@pytest.mark.parametrize("fn, words", [
-    ("wrong_shape", ["'my_reward_mod:wrong_shape'", "shape (3, 2)", "expected (3,)"]),
-    ("with_nan", ["'my_reward_mod:with_nan'", "non-finite", "[0]"]),
-    ("not_numbers", ["'my_reward_mod:not_numbers'", "not numbers"]),
-])
+@pytest.mark.parametrize(
+    "fn, words",
+    [
+        ("wrong_shape", ["'my_reward_mod:wrong_shape'", "shape (3, 2)", "expected (3,)"]),
+        ("with_nan", ["'my_reward_mod:with_nan'", "non-finite", "[0]"]),
+        ("not_numbers", ["'my_reward_mod:not_numbers'", "not numbers"]),
+    ],
+)
 def test_custom_reward_bad_output(custom_module, fn, words):
     r = rewards.load_reward(f"{custom_module}:{fn}")
     with pytest.raises(ValueError) as info:
@@ -1017,8 +1114,20 @@ def test_missing_local_folder_and_bad_model_dir_key(tmp_path):
 
 def tiny_config(out, **overrides):
     settings = dict(
-        model="tiny", reward="jpeg_compressibility", resolution=32, group_size=4, groups_per_step=2, batch_size=4,
-        num_steps=4, eval_num_steps=4, max_steps=1, eval_every=100, out=str(out), ema_every=1, lr=1e-2, beta=0.01,
+        model="tiny",
+        reward="jpeg_compressibility",
+        resolution=32,
+        group_size=4,
+        groups_per_step=2,
+        batch_size=4,
+        num_steps=4,
+        eval_num_steps=4,
+        max_steps=1,
+        eval_every=100,
+        out=str(out),
+        ema_every=1,
+        lr=1e-2,
+        beta=0.01,
     )
     settings.update(overrides)
     return F.Config(**settings)
@@ -1044,8 +1153,14 @@ def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_pipe):
     prompts = ["a photo of a cat", "the dog on a chair"]
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = tiny_pipe(
-        prompt=prompts, latents=latents.clone(), num_inference_steps=6, guidance_scale=4.5, height=32, width=32,
-        output_type="latent", max_sequence_length=128,
+        prompt=prompts,
+        latents=latents.clone(),
+        num_inference_steps=6,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=128,
     ).images
     text = F.encode_prompts(tiny_pipe, prompts, 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(tiny_pipe, 6, "cpu")
@@ -1084,8 +1199,21 @@ def test_first_update_is_on_policy_and_metrics_are_logged(trained):
     (record,) = read_metrics(folder)
     assert record["first_ratio_error"] == 0.0  # the training forward reproduces the rollout's exactly
     assert record["optimizer_steps"] == 2 and not record["skipped_update"]
-    for key in ("reward_mean", "reward_std", "jpeg_compressibility_mean", "eval_reward", "loss", "policy_loss", "kl",
-                "approx_kl", "clip_fraction", "zero_std_group_ratio", "seconds_rollout", "seconds_reward", "seconds_train"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "jpeg_compressibility_mean",
+        "eval_reward",
+        "loss",
+        "policy_loss",
+        "kl",
+        "approx_kl",
+        "clip_fraction",
+        "zero_std_group_ratio",
+        "seconds_rollout",
+        "seconds_reward",
+        "seconds_train",
+    ):
         assert math.isfinite(record[key]), key
     assert record["kl"] > 0 and record["approx_kl"] > 0  # the second update starts off-policy
     assert os.path.exists(f"{folder}/eval_00000.png") and os.path.exists(f"{folder}/eval_00001.png")
@@ -1114,8 +1242,16 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
     pipe = F.build_tiny_pipeline()
     pipe.load_lora_weights(str(folder / "lora"), weight_name="pytorch_lora_weights.safetensors")
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    loaded = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
-                  output_type="latent", max_sequence_length=128).images
+    loaded = pipe(
+        prompt="a cat",
+        latents=latents.clone(),
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=128,
+    ).images
     text = F.encode_prompts(run.pipe, ["a cat"], 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(run.pipe, 4, "cpu")
     with F.swap_in(run.params, run.ema_params):
@@ -1156,8 +1292,16 @@ def informative_and_constant_batch(pipe, transformer, cfg, latent_side=8):
     text = F.encode_prompts(pipe, prompts, 1, cfg.guidance_scale, "cpu")
     sigmas, timesteps = F.schedule(pipe, cfg.num_steps, "cpu")
     noise = torch.randn(4, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
-    trajectory = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, [cfg.noise_level] * cfg.num_steps,
-                          generator=torch.Generator().manual_seed(1))
+    trajectory = F.sample(
+        transformer,
+        text,
+        noise,
+        sigmas,
+        timesteps,
+        cfg.guidance_scale,
+        [cfg.noise_level] * cfg.num_steps,
+        generator=torch.Generator().manual_seed(1),
+    )
     return F.RolloutBatch(prompts, text, trajectory), sigmas, timesteps, torch.tensor([0.0, 0.0, 1.5, -0.5])
 
 
@@ -1191,8 +1335,11 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
     loss, _, _ = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
     ours = lora_gradient(transformer, loss)
     # The official way: drop the constant group's samples, then the plain mean over those left.
-    kept = F.RolloutBatch(batch.prompts[2:], F.TextEmbeddings(*(torch.cat([t[:4][2:], t[4:][2:]]) for t in batch.text)),
-                          F.Trajectory(*(t[2:] for t in batch.trajectory)))
+    kept = F.RolloutBatch(
+        batch.prompts[2:],
+        F.TextEmbeddings(*(torch.cat([t[:4][2:], t[4:][2:]]) for t in batch.text)),
+        F.Trajectory(*(t[2:] for t in batch.trajectory)),
+    )
     loss, _, _ = F.step_loss(transformer, kept, 1, advantages[2:], None, sigmas, timesteps, levels, F.sde_step, cfg)
     dropped = lora_gradient(transformer, loss)
     assert dropped.abs().max() > 0
@@ -1207,18 +1354,33 @@ def test_training_loss_is_policy_plus_beta_times_the_official_kl(tiny_pipe, tmp_
     weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
     levels = [cfg.noise_level] * cfg.num_steps
     j = 2
-    without_kl, _, _ = F.step_loss(transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+    without_kl, _, _ = F.step_loss(
+        transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg
+    )
     beta = 1000.0  # large enough that beta * KL is not lost in float32 next to the policy term
-    with_kl, parts, _ = F.step_loss(transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step,
-                                    dataclasses.replace(cfg, beta=beta))
+    with_kl, parts, _ = F.step_loss(
+        transformer,
+        batch,
+        j,
+        advantages,
+        weights,
+        sigmas,
+        timesteps,
+        levels,
+        F.sde_step,
+        dataclasses.replace(cfg, beta=beta),
+    )
     # The official KL (scripts/train_sd3.py, main()): mean over dims of (mu_theta - mu_ref)^2 / (2 sigma_t^2),
     # sigma_t = a sqrt(sigma / (1 - sigma)), averaged over the two informative samples.
     x, sigma, sigma_next = batch.trajectory.latents[:, j], sigmas[j].item(), sigmas[j + 1].item()
     with torch.no_grad():
-        mu = F.sde_step(F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next, 0.7).mean
+        mu = F.sde_step(
+            F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next, 0.7
+        ).mean
         with transformer.disable_adapter():
-            mu_ref = F.sde_step(F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next,
-                                0.7).mean
+            mu_ref = F.sde_step(
+                F.guided_velocity(transformer, x, timesteps[j], batch.text, 4.5), x, sigma, sigma_next, 0.7
+            ).mean
     sigma_t = 0.7 * math.sqrt(sigma / (1 - sigma))
     official_kl = ((mu - mu_ref) ** 2).mean(dim=(1, 2, 3))[2:].mean() / (2 * sigma_t**2)
     assert official_kl > 0
@@ -1237,9 +1399,13 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
         # 128 px (16k latent dims) and the weight of a sample in an update of 12 such batches x 9 trained
         # steps: per-element gradients as small as a real run's, where fp16 underflows without scaling.
         batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg, latent_side=32)
-        weights = F.loss_weights(advantages.repeat(12), [list(range(12))], num_trained_steps=9, world=1, batch_size=4)[0, 0]
+        weights = F.loss_weights(advantages.repeat(12), [list(range(12))], num_trained_steps=9, world=1, batch_size=4)[
+            0, 0
+        ]
         levels = [cfg.noise_level] * cfg.num_steps
-        loss, _, ratio = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
+        loss, _, ratio = F.step_loss(
+            transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg
+        )
         assert torch.all(ratio == 1)
         scaler = F.grad_scaler(dtype, torch.device("cpu"))  # what train() uses for this dtype
         assert scaler.is_enabled() == (dtype == torch.float16)
@@ -1302,8 +1468,16 @@ def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
     # A tiny AdamW step (lr 1e-6) still moves the fp32 master weights by the hand-computed first step.
     before, g = [p.detach().clone() for p in params], [p.grad.clone() for p in params]
     optimizer = F.make_optimizer(params, cfg)
-    assert F.optimizer_update(params, optimizer, F.grad_scaler(torch.bfloat16, torch.device("cpu")),
-                              F.Distributed(0, 1, "cpu"), max_grad_norm=1e9) == "applied"
+    assert (
+        F.optimizer_update(
+            params,
+            optimizer,
+            F.grad_scaler(torch.bfloat16, torch.device("cpu")),
+            F.Distributed(0, 1, "cpu"),
+            max_grad_norm=1e9,
+        )
+        == "applied"
+    )
     assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.dim())
     for p, b, grad in zip(params, before, g):
         expected = b * (1 - cfg.lr * cfg.weight_decay) - cfg.lr * grad / (grad.abs() + 1e-8)  # AdamW's first step
@@ -1313,8 +1487,10 @@ def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
         step = (p - b).detach()[big]
         assert torch.all(step != 0) and torch.equal(b[big].bfloat16() + step.bfloat16(), b[big].bfloat16())
     cosine = torch.nn.functional.cosine_similarity(grads[True].double(), grads[False].double(), dim=0)
-    print(f"bf16 vs fp32 LoRA arithmetic: gradient cosine {cosine.item():.6f}, fp32 activations saved in the LoRA"
-          f" layers {saved[False]} -> {saved[True]}")
+    print(
+        f"bf16 vs fp32 LoRA arithmetic: gradient cosine {cosine.item():.6f}, fp32 activations saved in the LoRA"
+        f" layers {saved[False]} -> {saved[True]}"
+    )
     assert cosine >= 0.999
     assert saved[False] > 0 and saved[True] == 0
     files = [load_file(tmp_path / f"lora_{b}" / "pytorch_lora_weights.safetensors") for b in (False, True)]
@@ -1329,8 +1505,10 @@ def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first
     folder = tmp_path / "out"
     run = F.train(tiny_config(folder, compile=True, gradient_checkpointing=True, max_steps=2, eval_every=1))
     first, second = read_metrics(folder)
-    print(f"--compile: {first['compilations']} graphs in {first['seconds_compile']:.0f} s, first_ratio_error "
-          f"{first['first_ratio_error']:.1e} and {second['first_ratio_error']:.1e}")
+    print(
+        f"--compile: {first['compilations']} graphs in {first['seconds_compile']:.0f} s, first_ratio_error "
+        f"{first['first_ratio_error']:.1e} and {second['first_ratio_error']:.1e}"
+    )
     # One graph per block kind (dual attention; the last, context-free block) and way of calling the blocks
     # (with grad; without; without and with the adapter off), all compiled by the end of the first step.
     assert first["compilations"] == 2 * 3 and first["seconds_compile"] > 0
@@ -1349,11 +1527,29 @@ def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first
     def every_path():
         with F.swap_in(run.params, run.ema_params):
             evaluated = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.num_steps)
-        rollout = F.sample(transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, levels,
-                           generator=torch.Generator().manual_seed(1))
+        rollout = F.sample(
+            transformer,
+            text,
+            noise,
+            sigmas,
+            timesteps,
+            cfg.guidance_scale,
+            levels,
+            generator=torch.Generator().manual_seed(1),
+        )
         batch = F.RolloutBatch(prompts, text, rollout)
-        loss, parts, delta = F.step_loss(transformer, batch, 1, torch.tensor([0.5, -0.5, 1.5, -1.5]), None, sigmas,
-                                         timesteps, levels, F.sde_step, cfg)
+        loss, parts, delta = F.step_loss(
+            transformer,
+            batch,
+            1,
+            torch.tensor([0.5, -0.5, 1.5, -1.5]),
+            None,
+            sigmas,
+            timesteps,
+            levels,
+            F.sde_step,
+            cfg,
+        )
         return evaluated.latents, rollout.latents, torch.tensor(parts["kl"]), delta, lora_gradient(transformer, loss)
 
     counter = F.CompileCounter()
@@ -1363,9 +1559,11 @@ def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first
     assert counter.graphs == 0 and counter.seconds == 0
     evaluated, rollout, kl, delta, grad = compiled
     evaluated_eager, rollout_eager, kl_eager, delta_eager, grad_eager = eager
-    print(f"compiled vs eager: latents {(evaluated - evaluated_eager).abs().max():.1e}, "
-          f"{(rollout - rollout_eager).abs().max():.1e}; kl {kl:.4e} vs {kl_eager:.4e}; "
-          f"gradient {(grad - grad_eager).norm() / grad_eager.norm():.1e} relative")
+    print(
+        f"compiled vs eager: latents {(evaluated - evaluated_eager).abs().max():.1e}, "
+        f"{(rollout - rollout_eager).abs().max():.1e}; kl {kl:.4e} vs {kl_eager:.4e}; "
+        f"gradient {(grad - grad_eager).norm() / grad_eager.norm():.1e} relative"
+    )
     assert kl > 0  # the reference (adapter off) is not the trained policy
     torch.testing.assert_close(evaluated, evaluated_eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rollout, rollout_eager, rtol=1e-5, atol=1e-5)
@@ -1382,14 +1580,29 @@ def test_sd35_mediums_block_kinds_compile_within_dynamos_limit(tmp_path):
 
     torch.manual_seed(0)
     base = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=4,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
-        pos_embed_max_size=16, dual_attention_layers=(0, 1), qk_norm="rms_norm",
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=4,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0, 1),
+        qk_norm="rms_norm",
     ).eval()
     transformer, _ = F.add_lora(base, tiny_config(tmp_path))
     counter = F.compile_blocks(transformer, backend="eager")
-    inputs = {"hidden_states": torch.randn(2, 16, 8, 8), "timestep": torch.tensor([900.0, 900.0]), "return_dict": False,
-              "encoder_hidden_states": torch.randn(2, 5, 32), "pooled_projections": torch.randn(2, 32)}
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 8, 8),
+        "timestep": torch.tensor([900.0, 900.0]),
+        "return_dict": False,
+        "encoder_hidden_states": torch.randn(2, 5, 32),
+        "pooled_projections": torch.randn(2, 32),
+    }
 
     def every_path():
         with torch.no_grad():
@@ -1478,6 +1691,7 @@ def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tm
         def spy(prompts, *rest):
             encoded.append(list(prompts))
             return text_for(prompts, *rest)
+
         return spy
 
     def score_spy(reward_fn, images, prompts):
@@ -1492,8 +1706,16 @@ def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tm
     monkeypatch.setattr(F, "score", score_spy)
     monkeypatch.setattr(F, "evaluate", evaluate_spy)
     # Groups of 2 in batches of 4: every batch holds two prompts, so an image given its neighbour's prompt shows.
-    cfg = tiny_config(tmp_path / "out", group_size=2, groups_per_step=4, batch_size=4, max_steps=2, eval_every=1,
-                      ema_every=1, prompts=str(write_prompts(tmp_path, ["p one", "p two", "p three", "p four"])))
+    cfg = tiny_config(
+        tmp_path / "out",
+        group_size=2,
+        groups_per_step=4,
+        batch_size=4,
+        max_steps=2,
+        eval_every=1,
+        ema_every=1,
+        prompts=str(write_prompts(tmp_path, ["p one", "p two", "p three", "p four"])),
+    )
     run = F.train(cfg)
     # Rollout batches are encoded and then rewarded in the same order: each image's prompt is its own.
     rollout_prompts = [e for e in encoded if len(e) == 4 and e[0].startswith("p ")]
@@ -1551,10 +1773,26 @@ def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, mo
 
 def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    expected = tiny_pipe(prompt=["a cat", "a dog"], latents=latents.clone(), num_inference_steps=3, guidance_scale=4.5,
-                         height=32, width=32, output_type="np", max_sequence_length=128).images
-    final = tiny_pipe(prompt=["a cat", "a dog"], latents=latents.clone(), num_inference_steps=3, guidance_scale=4.5,
-                      height=32, width=32, output_type="latent", max_sequence_length=128).images
+    expected = tiny_pipe(
+        prompt=["a cat", "a dog"],
+        latents=latents.clone(),
+        num_inference_steps=3,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="np",
+        max_sequence_length=128,
+    ).images
+    final = tiny_pipe(
+        prompt=["a cat", "a dog"],
+        latents=latents.clone(),
+        num_inference_steps=3,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=128,
+    ).images
     ours = np.stack([np.asarray(image) for image in F.decode_images(tiny_pipe, final)])
     assert np.abs(ours.astype(float) - np.round(expected * 255)).max() <= 1
 
@@ -1568,12 +1806,25 @@ def test_fp16_checkpoint_keeps_the_loss_scale(tiny_pipe, tmp_path):
     scaler = F.grad_scaler(torch.float16, torch.device("cpu"))
     scaler.scale(torch.ones(()))
     scaler.update(new_scale=1024.0)  # as after a few overflows
-    F.save_checkpoint(cfg, 3, 5, params, [p.detach().clone() for p in params], F.make_optimizer(params, cfg),
-                      transformer, lora_config, scaler)
+    F.save_checkpoint(
+        cfg,
+        3,
+        5,
+        params,
+        [p.detach().clone() for p in params],
+        F.make_optimizer(params, cfg),
+        transformer,
+        lora_config,
+        scaler,
+    )
     restored = F.grad_scaler(torch.float16, torch.device("cpu"))
-    steps = F.resume_checkpoint(cfg.out, params, [p.detach().clone() for p in params], F.make_optimizer(params, cfg),
-                                False, restored)
-    assert steps == (3, 5) and restored.get_scale() == 1024.0 != F.grad_scaler(torch.float16, torch.device("cpu")).get_scale()
+    steps = F.resume_checkpoint(
+        cfg.out, params, [p.detach().clone() for p in params], F.make_optimizer(params, cfg), False, restored
+    )
+    assert (
+        steps == (3, 5)
+        and restored.get_scale() == 1024.0 != F.grad_scaler(torch.float16, torch.device("cpu")).get_scale()
+    )
 
 
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
@@ -1675,8 +1926,14 @@ def test_cuda_allocator_gets_expandable_segments_before_torch_unless_the_user_se
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
-    res = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], env=env, capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(F.__file__)))
+    res = subprocess.run(
+        [sys.executable, "-c", ALLOCATOR_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(F.__file__)),
+    )
     assert res.stdout.split() == ["expandable_segments:True"] * 2  # already set when torch was first imported
     mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}
     F.default_cuda_allocator(mine)
@@ -1693,7 +1950,10 @@ def test_gpu_memory_is_logged_per_step_as_the_allocator_and_the_device_see_it(tm
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 15 * gib)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
     assert F.gpu_memory(torch.device("cuda")) == {
-        "gpu_allocated_peak_gib": 14.0, "gpu_reserved_peak_gib": 15.0, "gpu_device_used_gib": 50.0}
+        "gpu_allocated_peak_gib": 14.0,
+        "gpu_reserved_peak_gib": 15.0,
+        "gpu_device_used_gib": 50.0,
+    }
     assert resets == [torch.device("cuda")]  # the next step reports its own peak
     assert F.gpu_memory(torch.device("cpu")) == {}
     calls = []
@@ -1718,8 +1978,14 @@ def test_benchmark_builds_sd35_medium_and_pickscore_at_the_published_sizes(bench
     pickscore, _ = bench_script.build_pickscore("meta")
     counts = bench_script.parameter_counts(pipe, pickscore)
     # Issue 13's counts, in billions to the thousandth, measured on the real checkpoints.
-    published = {"transformer": 2.243, "T5-XXL encoder": 4.762, "CLIP-bigG": 0.695, "CLIP-L": 0.124, "VAE": 0.084,
-                 "PickScore (CLIP-H)": 0.986}
+    published = {
+        "transformer": 2.243,
+        "T5-XXL encoder": 4.762,
+        "CLIP-bigG": 0.695,
+        "CLIP-L": 0.124,
+        "VAE": 0.084,
+        "PickScore (CLIP-H)": 0.986,
+    }
     assert {name: round(n / 1e9, 3) for name, n in counts.items()} == published
     assert all(p.is_meta for m in (pipe.transformer, pipe.text_encoder_3, pickscore) for p in m.parameters())
     assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.config.latent_channels == 16
@@ -1745,8 +2011,10 @@ def reference_text(pipe, per_image_prompts, guidance_scale):
     parts = [F.encode_prompts(pipe, [p], 1, guidance_scale, "cpu") for p in per_image_prompts]
     if guidance_scale <= 1:
         return F.TextEmbeddings(torch.cat([t.embeds for t in parts]), torch.cat([t.pooled for t in parts]))
-    return F.TextEmbeddings(torch.cat([t.embeds[:1] for t in parts] + [t.embeds[1:] for t in parts]),
-                            torch.cat([t.pooled[:1] for t in parts] + [t.pooled[1:] for t in parts]))
+    return F.TextEmbeddings(
+        torch.cat([t.embeds[:1] for t in parts] + [t.embeds[1:] for t in parts]),
+        torch.cat([t.pooled[:1] for t in parts] + [t.pooled[1:] for t in parts]),
+    )
 
 
 @pytest.mark.parametrize("precompute", [False, True])
@@ -1803,8 +2071,9 @@ def tensor_bytes_reachable(root):
         seen.add(id(obj))
         if isinstance(obj, torch.Tensor):
             total += obj.untyped_storage().nbytes()
-        elif isinstance(obj, (dict, list, tuple, set, types.FunctionType, types.CellType, types.MethodType)) \
-                or hasattr(obj, "__dict__"):
+        elif isinstance(obj, (dict, list, tuple, set, types.FunctionType, types.CellType, types.MethodType)) or hasattr(
+            obj, "__dict__"
+        ):
             stack.extend(gc.get_referents(obj))
     return total
 
@@ -1818,8 +2087,9 @@ def test_precomputed_text_holds_nothing_per_prompt_in_memory(tmp_path):
         held[count] = tensor_bytes_reachable(text_for)
         file_bytes[count] = sum(os.path.getsize(f"{cfg.out}/text_embeds/{n}.bin") for n in ("embeds", "pooled"))
         last = text_for(prompts[-1:])  # the last row really is on disk: it reads back as the prompt's embeddings
-        torch.testing.assert_close(last.embeds[1:], F.encode_text(F.build_tiny_pipeline(), prompts[-1:], "cpu").embeds,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            last.embeds[1:], F.encode_text(F.build_tiny_pipeline(), prompts[-1:], "cpu").embeds, rtol=0, atol=0
+        )
     row = (205 * 64 + 64) * 4  # fp32 tokens x dim, plus the pooled vector
     assert file_bytes == {50: 51 * row, 2000: 2001 * row}  # every prompt, and "", once on disk
     assert held[50] == held[2000] == 205 * 64 * 4 + 64 * 4  # in memory: the negative's row only
@@ -1937,9 +2207,28 @@ def test_plot_command_draws_finished_runs(short_run, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------
 
 TINY_FLAGS = [
-    "--model", "tiny", "--reward", "jpeg_compressibility", "--resolution", "32", "--group-size", "4",
-    "--groups-per-step", "2", "--batch-size", "4", "--num-steps", "4", "--eval-num-steps", "4", "--lr", "1e-2",
-    "--ema-every", "1", "--eval-every", "100",
+    "--model",
+    "tiny",
+    "--reward",
+    "jpeg_compressibility",
+    "--resolution",
+    "32",
+    "--group-size",
+    "4",
+    "--groups-per-step",
+    "2",
+    "--batch-size",
+    "4",
+    "--num-steps",
+    "4",
+    "--eval-num-steps",
+    "4",
+    "--lr",
+    "1e-2",
+    "--ema-every",
+    "1",
+    "--eval-every",
+    "100",
 ]
 
 
@@ -1969,8 +2258,12 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
     assert run_cli(flags + ["--out", str(tmp_path / "whole")])[0] == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, F.__file__, *flags, "--out", str(killed)], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, F.__file__, *flags, "--out", str(killed)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "step_000001").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -1984,7 +2277,9 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)  # bit-identical on CPU
     assert sorted(os.listdir(killed / "checkpoints")) == ["step_000002", "step_000003"]  # keep the last 2
     assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3]
-    assert [r["reward_mean"] for r in read_metrics(killed)] == [r["reward_mean"] for r in read_metrics(tmp_path / "whole")]
+    assert [r["reward_mean"] for r in read_metrics(killed)] == [
+        r["reward_mean"] for r in read_metrics(tmp_path / "whole")
+    ]
 
 
 BAD_REWARD_MODULE = """
@@ -2069,18 +2364,34 @@ FLAG_CASES = {
 LATE_CASES = {"hub out of reach", "custom reward shape", "custom reward NaN", "resolution not a multiple"}
 
 
-@pytest.mark.parametrize("case", [
-    "unknown alias", "hub out of reach", "not an SD3 folder", "missing prompt file", "unreadable prompt file",
-    "empty prompt file", "group of one", "images not whole batches", "more updates than batches", "unknown reward",
-    "malformed weight", "custom reward shape", "custom reward NaN", "unwritable output", "resolution not a multiple",
-    *FLAG_CASES,
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown alias",
+        "hub out of reach",
+        "not an SD3 folder",
+        "missing prompt file",
+        "unreadable prompt file",
+        "empty prompt file",
+        "group of one",
+        "images not whole batches",
+        "more updates than batches",
+        "unknown reward",
+        "malformed weight",
+        "custom reward shape",
+        "custom reward NaN",
+        "unwritable output",
+        "resolution not a multiple",
+        *FLAG_CASES,
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, bad_rewards, monkeypatch):
     args, phrase, also = bad_input_cases(tmp_path)[case]
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     if case not in LATE_CASES:  # refused before any model is loaded
+
         def load(*args, **kwargs):
             raise AssertionError(f"{case}: a model was loaded before the bad input was refused")
 
@@ -2122,7 +2433,9 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
     before = open(f"{out}/metrics.jsonl").read()
     code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out])  # no --resume: refused
     assert code == 2 and "already holds a run: pass --resume" in errors[0]
-    code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--out", out, "--resume", "--group-size", "8", "--lr", "0.5"])
+    code, errors = run_cli(
+        TINY_FLAGS + ["--max-steps", "2", "--out", out, "--resume", "--group-size", "8", "--lr", "0.5"]
+    )
     assert code == 2 and "group_size: 4 -> 8" in errors[0] and "lr: 0.01 -> 0.5" in errors[0]
     assert open(f"{out}/metrics.jsonl").read() == before
     assert os.path.exists(f"{out}/lora/pytorch_lora_weights.safetensors")
@@ -2168,8 +2481,10 @@ def test_resume_with_every_checkpoint_damaged_stops_with_one_line(checkpointed, 
     damage(out / "checkpoints" / "step_000001" / "lora.safetensors", "truncated")
     code, errors = run_cli(TINY_FLAGS + ["--max-steps", "2", "--save-every", "1", "--out", str(out), "--resume"])
     assert code == 2 and len(errors) == 1
-    assert errors[0].startswith(f"error: --resume: every checkpoint in {out}/checkpoints is damaged "
-                                f"(the newest: {out}/checkpoints/step_000002/ema.safetensors (")
+    assert errors[0].startswith(
+        f"error: --resume: every checkpoint in {out}/checkpoints is damaged "
+        f"(the newest: {out}/checkpoints/step_000002/ema.safetensors ("
+    )
 
 
 def test_each_checkpoint_holds_the_ema_lora_loadable_by_diffusers(checkpointed):
@@ -2194,12 +2509,21 @@ def test_each_checkpoint_holds_the_ema_lora_loadable_by_diffusers(checkpointed):
         assert torch.equal(loaded[diffusers_name], ema[str(i)])
     # and with the right scale alpha / r: the same samples.
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    theirs = pipe(prompt="a cat", latents=latents.clone(), num_inference_steps=4, guidance_scale=4.5, height=32,
-                  width=32, output_type="latent", max_sequence_length=128).images
+    theirs = pipe(
+        prompt="a cat",
+        latents=latents.clone(),
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        height=32,
+        width=32,
+        output_type="latent",
+        max_sequence_length=128,
+    ).images
     text = F.encode_prompts(pipe, ["a cat"], 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(pipe, 4, "cpu")
-    torch.testing.assert_close(theirs, F.sample(ours, text, latents, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1],
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        theirs, F.sample(ours, text, latents, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_a_second_run_on_the_folder_is_refused_and_ctrl_c_prints_how_to_continue(tmp_path):
@@ -2212,8 +2536,12 @@ def test_a_second_run_on_the_folder_is_refused_and_ctrl_c_prints_how_to_continue
     out = tmp_path / "run"
     flags = TINY_FLAGS + ["--max-steps", "1000", "--save-every", "1", "--out", str(out)]
     with open(tmp_path / "stderr.txt", "w") as stderr:  # a file, not a pipe: progress bars never block the run
-        proc = subprocess.Popen([sys.executable, F.__file__, *flags], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, F.__file__, *flags],
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         deadline = time.time() + 120
         while not (out / "checkpoints" / "step_000001").exists() and time.time() < deadline:
             time.sleep(0.05)
@@ -2309,8 +2637,13 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     script.write_text(TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script)],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
@@ -2336,10 +2669,20 @@ def test_torchrun_prints_a_usage_error_once(tmp_path, monkeypatch, capsys):
 
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
     out = tmp_path / "run"
-    command = [torchrun, "--standalone", "--nproc_per_node=2", F.__file__, *TINY_FLAGS, "--eval-every", "0",
-               "--out", str(out)]
-    result = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                            timeout=300, check=False)
+    command = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node=2",
+        F.__file__,
+        *TINY_FLAGS,
+        "--eval-every",
+        "0",
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, check=False
+    )
     said = [line for line in (result.stdout + result.stderr).splitlines() if "--eval-every 0" in line]
     assert result.returncode != 0 and said == ["error: --eval-every 0: use 1 or more steps between evaluations"]
     assert not out.exists()
@@ -2383,8 +2726,14 @@ def test_two_processes_write_one_text_cache_equal_to_a_single_process_one(tmp_pa
     script.write_text(TORCHRUN_TEXT_CACHE_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
     torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script)],
-                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # Rows 1-100 in chunks of 32: rank 0 encoded rows 1-32 and 65-96, rank 1 the others; the files are
     # byte for byte those of one process encoding everything.

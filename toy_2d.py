@@ -9,6 +9,7 @@ script measures the paper's three claims, prints them as a table and writes <out
   (c) without the KL term the samples collapse onto the reward's optimum; with it diversity is kept.
 A figure goes to <out>/toy.png. Everything is seeded: only the measured seconds vary between runs.
 """
+
 import argparse
 import dataclasses
 import json
@@ -95,8 +96,15 @@ class Velocity(nn.Module):
         super().__init__()
         self.register_buffer("freqs", torch.arange(1, 5).float() * math.pi)
         self.label = nn.Embedding(N_LABELS, 16)
-        self.net = nn.Sequential(nn.Linear(2 + 8 + 16, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
+        self.net = nn.Sequential(
+            nn.Linear(2 + 8 + 16, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, hidden),
+            nn.SiLU(),
+            nn.Linear(hidden, 2),
+        )
 
     def forward(self, x, sigma, labels):
         s = torch.as_tensor(sigma).reshape(-1, 1).expand(x.shape[0], 1) * self.freqs
@@ -156,7 +164,10 @@ def pretrain(cfg):
 
 def sigma_schedule(steps, shift):
     """diffusers' FlowMatchEulerDiscreteScheduler as SD3 uses it (10 steps: 1.0, 0.9601, ..., 0.0089, 0)."""
-    shifted = lambda s: shift * s / (1 + (shift - 1) * s)
+
+    def shifted(s):
+        return shift * s / (1 + (shift - 1) * s)
+
     sigmas = shifted(torch.linspace(1.0, shifted(torch.tensor(1e-3)).item(), steps))
     return torch.cat([sigmas, torch.zeros(1)])
 
@@ -202,8 +213,14 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
     n_train = len(sigmas) - 2  # the last step (std ~ 0.006) is never trained, as in the paper
     if ratio_norm:  # RatioNorm needs the rollout's transition means: the policy has not moved yet
         with torch.no_grad():
-            old_means = torch.stack([flow_grpo.sde_step(policy(xs[i], sigmas[i], labels), xs[i], sigmas[i],
-                                                        sigmas[i + 1], cfg.noise_level).mean for i in range(n_train)])
+            old_means = torch.stack(
+                [
+                    flow_grpo.sde_step(
+                        policy(xs[i], sigmas[i], labels), xs[i], sigmas[i], sigmas[i + 1], cfg.noise_level
+                    ).mean
+                    for i in range(n_train)
+                ]
+            )
     clipped = []
     for batch in torch.randperm(len(labels), generator=gen).chunk(cfg.minibatches):
         # All trained timesteps of the minibatch in one forward pass of n_train * len(batch) rows.
@@ -218,9 +235,20 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
                 ref_mean = flow_grpo.sde_step(base(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level).mean
         old_mean = old_means[:, batch].reshape(-1, 2) if ratio_norm else None
         objective = flow_grpo.grpo_step_objective(
-            out.log_prob, old_log_probs[:n_train, batch].reshape(-1), advantages[batch].repeat(n_train), cfg.clip_range,
-            cfg.adv_clip, mean=out.mean, std=out.std, dt=sigma_next - sigma, ref_mean=ref_mean, beta=beta,
-            kl_dt_scale=False, ratio_norm=ratio_norm, old_mean=old_mean)
+            out.log_prob,
+            old_log_probs[:n_train, batch].reshape(-1),
+            advantages[batch].repeat(n_train),
+            cfg.clip_range,
+            cfg.adv_clip,
+            mean=out.mean,
+            std=out.std,
+            dt=sigma_next - sigma,
+            ref_mean=ref_mean,
+            beta=beta,
+            kl_dt_scale=False,
+            ratio_norm=ratio_norm,
+            old_mean=old_mean,
+        )
         opt.zero_grad()
         objective.loss.backward()
         nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -238,9 +266,10 @@ def mean_step_kl(policy, base, cfg, n=2000):
     xs, _ = rollout(policy, labels, sigmas, cfg.noise_level, generator(cfg, 3))
     kls = []
     for i in range(len(sigmas) - 2):
-        step = lambda model: flow_grpo.sde_step(model(xs[i], sigmas[i], labels), xs[i], sigmas[i], sigmas[i + 1],
-                                                cfg.noise_level)
-        mine, ref = step(policy), step(base)
+        mine, ref = (
+            flow_grpo.sde_step(model(xs[i], sigmas[i], labels), xs[i], sigmas[i], sigmas[i + 1], cfg.noise_level)
+            for model in (policy, base)
+        )
         kls.append(flow_grpo.gaussian_kl(mine.mean, ref.mean, mine.std).mean().item())
     return sum(kls) / len(kls)
 
@@ -260,8 +289,9 @@ def run_grpo(base, cfg, rollout_steps=None, beta=None, epochs=None, n_eval=1000,
     for epoch in range(epochs + 1):
         if epoch % cfg.eval_every == 0 or epoch == epochs:  # evaluation stays off the training clock
             x, _ = evaluate(policy, cfg, n_eval)
-            curve.append({"epoch": epoch, "seconds": seconds, "reward": reward(x, cfg).mean().item(),
-                          "clip_frac": clip_frac})
+            curve.append(
+                {"epoch": epoch, "seconds": seconds, "reward": reward(x, cfg).mean().item(), "clip_frac": clip_frac}
+            )
         if epoch < epochs:
             start = time.perf_counter()
             clip_frac = grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm)
@@ -292,12 +322,18 @@ def main(cfg):
     base = pretrain(cfg)
     data, data_labels = sample_data(cfg.n_eval, cfg, generator(cfg, 6))
     results = {"marginals_swd": marginals(base, data, cfg), "runs": {}}
-    results["data"] = {"reward": reward(data, cfg).mean().item(), "diversity": diversity(data),
-                       "on_mode": on_mode(data, data_labels, cfg)}
+    results["data"] = {
+        "reward": reward(data, cfg).mean().item(),
+        "diversity": diversity(data),
+        "on_mode": on_mode(data, data_labels, cfg),
+    }
 
-    runs = {"pretrained": None, f"{cfg.rollout_steps} steps, beta={cfg.beta}": (cfg.rollout_steps, cfg.beta),
-            f"{cfg.eval_steps} steps, beta={cfg.beta}": (cfg.eval_steps, cfg.beta),
-            f"{cfg.rollout_steps} steps, beta=0": (cfg.rollout_steps, 0.0)}
+    runs = {
+        "pretrained": None,
+        f"{cfg.rollout_steps} steps, beta={cfg.beta}": (cfg.rollout_steps, cfg.beta),
+        f"{cfg.eval_steps} steps, beta={cfg.beta}": (cfg.eval_steps, cfg.beta),
+        f"{cfg.rollout_steps} steps, beta=0": (cfg.rollout_steps, 0.0),
+    }
     if cfg.ratio_norm:
         runs[f"ratio-norm, beta={cfg.beta}"] = (cfg.rollout_steps, cfg.beta, None, 1000, True)
     samples = {"data": data}
@@ -306,9 +342,14 @@ def main(cfg):
         x, labels = evaluate(model, cfg)
         samples[name] = x
         results["runs"][name] = {
-            "reward": reward(x, cfg).mean().item(), "diversity": diversity(x), "on_mode": on_mode(x, labels, cfg),
-            "swd_to_data": sliced_wasserstein(data, x, generator(cfg, 7)), "mean_step_kl": mean_step_kl(model, base, cfg),
-            "train_seconds": curve[-1]["seconds"] if curve else 0.0, "curve": curve}
+            "reward": reward(x, cfg).mean().item(),
+            "diversity": diversity(x),
+            "on_mode": on_mode(x, labels, cfg),
+            "swd_to_data": sliced_wasserstein(data, x, generator(cfg, 7)),
+            "mean_step_kl": mean_step_kl(model, base, cfg),
+            "train_seconds": curve[-1]["seconds"] if curve else 0.0,
+            "curve": curve,
+        }
     results["total_seconds"] = time.perf_counter() - start
     results["config"] = dataclasses.asdict(cfg)
     print_table(results)
@@ -331,8 +372,10 @@ def print_table(results):
     d = results["data"]
     print(f"    {'(data)':<22} {d['reward']:>7.3f} {d['diversity']:>8.3f} {d['on_mode']:>8.1%}")
     for name, r in results["runs"].items():
-        print(f"    {name:<22} {r['reward']:>7.3f} {r['diversity']:>8.3f} {r['on_mode']:>8.1%} "
-              f"{r['swd_to_data']:>6.3f} {r['mean_step_kl']:>8.4f} {r['train_seconds']:>8.1f}")
+        print(
+            f"    {name:<22} {r['reward']:>7.3f} {r['diversity']:>8.3f} {r['on_mode']:>8.1%} "
+            f"{r['swd_to_data']:>6.3f} {r['mean_step_kl']:>8.4f} {r['train_seconds']:>8.1f}"
+        )
     print(f"total {results['total_seconds']:.1f} s")
 
 
@@ -346,7 +389,10 @@ def plot(path, samples, runs, cfg):
     titles = ["data", "pretrained", f"Flow-GRPO, KL (beta={cfg.beta})", "Flow-GRPO, no KL (beta=0)"]
     fig = plt.figure(figsize=(14, 7.5))
     grid = fig.add_gridspec(2, 4, height_ratios=[1, 0.9])
-    axes = [fig.add_subplot(grid[0, i]) for i in range(4)] + [fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2:])]
+    axes = [fig.add_subplot(grid[0, i]) for i in range(4)] + [
+        fig.add_subplot(grid[1, :2]),
+        fig.add_subplot(grid[1, 2:]),
+    ]
     for ax, name, title in zip(axes, shown, titles):
         x = samples[name][:2000]
         ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.3, color="tab:blue", rasterized=True)
@@ -354,7 +400,9 @@ def plot(path, samples, runs, cfg):
         if name != "data":
             title += f"\nreward {runs[name]['reward']:.2f}, diversity {runs[name]['diversity']:.2f}"
         ax.set(title=title, xlim=(-3, 3), ylim=(-3, 3), aspect="equal", xticks=[], yticks=[])
-    axes[0].text(cfg.target_x, cfg.target_y - 0.5, "reward\noptimum", color="tab:red", ha="center", va="top", fontsize=9)
+    axes[0].text(
+        cfg.target_x, cfg.target_y - 0.5, "reward\noptimum", color="tab:red", ha="center", va="top", fontsize=9
+    )
     for name, r in runs.items():
         if r["curve"]:
             axes[4].plot([c["epoch"] for c in r["curve"]], [c["reward"] for c in r["curve"]], label=name)

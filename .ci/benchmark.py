@@ -49,6 +49,7 @@ a file of N distinct prompts (about as long as the official PickScore ones) and 
 memory (ru_maxrss), the text cache's size on disk and the wall time. The cache lives on disk, so the peak
 should not grow with N; the former in-memory cache would have held 2 rows (prompt and "") per prompt.
 """
+
 import argparse
 import contextlib
 import dataclasses
@@ -69,8 +70,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # flow_grpo first: it sets the CUDA allocator's variable before torch is imported.
-import flow_grpo as fg  # noqa: I001
-import torch
+import flow_grpo as fg  # noqa: E402, I001
+import torch  # noqa: E402
 
 TOLERANCE = 0.25  # explain a measured ratio that is more than 25% away from the expected one
 PHASES = ("rollout", "reward", "train")
@@ -78,19 +79,55 @@ PHASES = ("rollout", "reward", "train")
 # Why a measured ratio can differ from the count of transformer work, by (comparison, phase, direction).
 REASONS = {
     ("steps", "rollout", "low"): "fixed per-step costs (live text encoding, noise, Python) are paid once whatever T",
-    ("steps", "rollout", "high"): "more steps than counted? the 40-step rollout also keeps 4x more latents; likely timing noise",
+    (
+        "steps",
+        "rollout",
+        "high",
+    ): "more steps than counted? the 40-step rollout also keeps 4x more latents; likely timing noise",
     ("steps", "train", "low"): "fixed per-step costs (advantages, 2 optimizer steps, grad clip) do not grow with T",
-    ("steps", "train", "high"): "timing noise (other processes on the CPU) or allocator growth with 4x more stored latents",
-    ("window", "rollout", "low"): "timing noise: both rollouts run the same T forwards (ODE and SDE steps cost the same)",
-    ("window", "rollout", "high"): "timing noise: both rollouts run the same T forwards (ODE and SDE steps cost the same)",
-    ("window", "train", "low"): "fixed per-step costs (advantages, 2 optimizer steps, grad clip) weigh more next to 2 trained steps",
+    (
+        "steps",
+        "train",
+        "high",
+    ): "timing noise (other processes on the CPU) or allocator growth with 4x more stored latents",
+    (
+        "window",
+        "rollout",
+        "low",
+    ): "timing noise: both rollouts run the same T forwards (ODE and SDE steps cost the same)",
+    (
+        "window",
+        "rollout",
+        "high",
+    ): "timing noise: both rollouts run the same T forwards (ODE and SDE steps cost the same)",
+    (
+        "window",
+        "train",
+        "low",
+    ): "fixed per-step costs (advantages, 2 optimizer steps, grad clip) weigh more next to 2 trained steps",
     ("window", "train", "high"): "timing noise (other processes on the CPU)",
-    ("cfg", "rollout", "low"): "a tiny-model forward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
-    ("cfg", "rollout", "high"): "CFG also copies the negative prompt's embeddings and chunks/combines; else timing noise",
-    ("cfg", "train", "low"): "a tiny-model forward/backward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
+    (
+        "cfg",
+        "rollout",
+        "low",
+    ): "a tiny-model forward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
+    (
+        "cfg",
+        "rollout",
+        "high",
+    ): "CFG also copies the negative prompt's embeddings and chunks/combines; else timing noise",
+    (
+        "cfg",
+        "train",
+        "low",
+    ): "a tiny-model forward/backward is latency-bound (per-op overhead), so 2B inputs cost little more than B",
     ("cfg", "train", "high"): "timing noise (other processes on the CPU)",
     ("text", "rollout", "low"): "timing noise: text encoding is a small part of the rollout here",
-    ("text", "rollout", "high"): "three tokenizers and encoders per batch cost far more in Python/op overhead than their FLOPs",
+    (
+        "text",
+        "rollout",
+        "high",
+    ): "three tokenizers and encoders per batch cost far more in Python/op overhead than their FLOPs",
     ("text", "train", "low"): "timing noise: the train phase does the same work with either kind of embedding",
     ("text", "train", "high"): "timing noise: the train phase does the same work with either kind of embedding",
 }
@@ -105,8 +142,13 @@ RECIPES = {
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this order on
 # torch.cuda.get_device_name(): "NVIDIA H100 80GB HBM3" is the SXM card. --peak-tflops overrides.
 PEAK_TFLOPS = [
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0),
-    ("L40S", 362.0), ("RTX 4090", 165.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("RTX 4090", 165.0),
 ]
 
 # SD3.5-Medium as published (stabilityai/stable-diffusion-3.5-medium, the config.json of transformer/, vae/,
@@ -114,25 +156,87 @@ PEAK_TFLOPS = [
 # (yuvalkirstain/PickScore_v1, a CLIP-ViT-H/14). Vocabulary tables at their real sizes.
 SD35_MEDIUM = {
     "transformer": dict(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    ),
     "vae": dict(
-        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-        sample_size=1024, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305),
-    "clip_l": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu"),
-    "clip_g": dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   max_position_embeddings=77, projection_dim=1280, hidden_act="gelu"),
-    "t5": dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
-               relative_attention_num_buckets=32, relative_attention_max_distance=128, tie_word_embeddings=False),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        sample_size=1024,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    ),
+    "clip_l": dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    ),
+    "clip_g": dict(
+        vocab_size=49408,
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=20,
+        max_position_embeddings=77,
+        projection_dim=1280,
+        hidden_act="gelu",
+    ),
+    "t5": dict(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        tie_word_embeddings=False,
+    ),
 }
 PICKSCORE = dict(
-    text_config=dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     max_position_embeddings=77, hidden_act="gelu"),
-    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-                       image_size=224, hidden_act="gelu"),
+    text_config=dict(
+        vocab_size=49408,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+    ),
+    vision_config=dict(
+        hidden_size=1280,
+        intermediate_size=5120,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        patch_size=14,
+        image_size=224,
+        hidden_act="gelu",
+    ),
     projection_dim=1024,
 )
 TEXT_TOKENS = 77 + 128  # per transformer input: CLIP padded to 77, T5 to the 128 of flow_grpo.encode_prompts
@@ -168,8 +272,12 @@ def clip_text_config(settings, tokenizer):
     from transformers import CLIPTextConfig
 
     # CLIP pools at eos_token_id: the tiny tokenizer's ids, or the wrong token is pooled (same shapes either way).
-    return CLIPTextConfig(**settings, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextConfig(
+        **settings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
@@ -178,7 +286,12 @@ def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
     train() moves it as it would the real one). Nothing is downloaded: the tokenizers are flow_grpo's tiny ones, whose
     few hundred ids index the real-size vocabulary tables; the pipeline pads every prompt to the real lengths (77 CLIP,
     128 T5 tokens), so every tensor of the models has its real shape."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with tempfile.TemporaryDirectory() as folder:
@@ -191,13 +304,19 @@ def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
         parts["vae"] = as_loaded(AutoencoderKL(**SD35_MEDIUM["vae"]), dtype, park)
     for name, settings in (("text_encoder", SD35_MEDIUM["clip_l"]), ("text_encoder_2", SD35_MEDIUM["clip_g"])):
         with building_on(device, dtype):
-            parts[name] = as_loaded(CLIPTextModelWithProjection(clip_text_config(settings, clip_tokenizer)), dtype, park)
+            parts[name] = as_loaded(
+                CLIPTextModelWithProjection(clip_text_config(settings, clip_tokenizer)), dtype, park
+            )
     with building_on(device, dtype):
         t5_config = T5Config(**SD35_MEDIUM["t5"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         parts["text_encoder_3"] = as_loaded(T5EncoderModel(t5_config), dtype, park)
     return StableDiffusion3Pipeline(
-        **parts, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), tokenizer=clip_tokenizer, tokenizer_2=clip_tokenizer,
-        tokenizer_3=t5_tokenizer)
+        **parts,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=clip_tokenizer,
+        tokenizer_2=clip_tokenizer,
+        tokenizer_3=t5_tokenizer,
+    )
 
 
 def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
@@ -208,8 +327,13 @@ def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
         tokenizer = fg.build_tiny_clip_tokenizer(folder)
     text_config = clip_text_config(PICKSCORE["text_config"], tokenizer).to_dict()
     with building_on(device, dtype):
-        model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=PICKSCORE["vision_config"],
-                                     projection_dim=PICKSCORE["projection_dim"]))
+        model = CLIPModel(
+            CLIPConfig(
+                text_config=text_config,
+                vision_config=PICKSCORE["vision_config"],
+                projection_dim=PICKSCORE["projection_dim"],
+            )
+        )
     size = PICKSCORE["vision_config"]["image_size"]
     image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return as_loaded(model, dtype, park), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -217,8 +341,14 @@ def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
 
 def parameter_counts(pipe, pickscore):
     """Parameters of each component (buffers such as SD3's 0.226 B position table not counted)."""
-    parts = {"transformer": pipe.transformer, "T5-XXL encoder": pipe.text_encoder_3, "CLIP-bigG": pipe.text_encoder_2,
-             "CLIP-L": pipe.text_encoder, "VAE": pipe.vae, "PickScore (CLIP-H)": pickscore}
+    parts = {
+        "transformer": pipe.transformer,
+        "T5-XXL encoder": pipe.text_encoder_3,
+        "CLIP-bigG": pipe.text_encoder_2,
+        "CLIP-L": pipe.text_encoder,
+        "VAE": pipe.vae,
+        "PickScore (CLIP-H)": pickscore,
+    }
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
@@ -256,36 +386,69 @@ def peak_tflops(device_name, override=0.0):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="On a GPU pass --model sd3.5-medium (or a local diffusers folder) --resolution 512.")
-    p.add_argument("--model", default="tiny", help="tiny (random CPU model, default); on a GPU: sd3.5-medium or a local folder")
-    p.add_argument("--random-weights", action="store_true",
-                   help="with --model sd3.5-medium, on a GPU: build SD3.5-Medium and PickScore at their real sizes with "
-                        "random weights (nothing downloaded)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="build those models on the meta device (any machine), print their parameter counts and the FLOPs "
-                        "of one step, and stop")
-    p.add_argument("--recipes", default=None,
-                   help=f"configurations to run, from {', '.join(RECIPES)}; append +compile for --compile "
-                        "(default: default,24gb with --random-weights, none otherwise)")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (default: from a table of known GPUs)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="On a GPU pass --model sd3.5-medium (or a local diffusers folder) --resolution 512.",
+    )
+    p.add_argument(
+        "--model", default="tiny", help="tiny (random CPU model, default); on a GPU: sd3.5-medium or a local folder"
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="with --model sd3.5-medium, on a GPU: build SD3.5-Medium and PickScore at their real sizes with "
+        "random weights (nothing downloaded)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="build those models on the meta device (any machine), print their parameter counts and the FLOPs "
+        "of one step, and stop",
+    )
+    p.add_argument(
+        "--recipes",
+        default=None,
+        help=f"configurations to run, from {', '.join(RECIPES)}; append +compile for --compile "
+        "(default: default,24gb with --random-weights, none otherwise)",
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=0.0, help="the device's peak (default: from a table of known GPUs)"
+    )
     p.add_argument("--resolution", type=int, default=0, help="default: 64 for tiny, 512 otherwise")
-    p.add_argument("--reward", default=None, help="reward spec (default: jpeg_compressibility, which needs no model; "
-                                                  "pickscore with --random-weights)")
+    p.add_argument(
+        "--reward",
+        default=None,
+        help="reward spec (default: jpeg_compressibility, which needs no model; pickscore with --random-weights)",
+    )
     p.add_argument("--reward-model-dir", default="", help="as flow_grpo's --reward-model-dir")
     p.add_argument("--group-size", type=int, default=None, help="default 4; 8 with --random-weights")
     p.add_argument("--groups-per-step", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward (x2 transformer inputs with CFG)")
-    p.add_argument("--beta", type=float, default=0.01, help="KL weight; > 0 adds one reference forward per trained step")
+    p.add_argument(
+        "--beta", type=float, default=0.01, help="KL weight; > 0 adds one reference forward per trained step"
+    )
     p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--precompute-text-embeds", action="store_true", help="use precomputed embeddings in the base config")
+    p.add_argument(
+        "--precompute-text-embeds", action="store_true", help="use precomputed embeddings in the base config"
+    )
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--steps", type=int, default=None,
-                   help="steps per configuration (default 5; 3 with --random-weights); step 1 is warm-up and not averaged")
-    p.add_argument("--only", default=None, help="which comparisons to run, e.g. 1,3 (default: 1,2,3,4; none with --random-weights)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: a tiny model's ops are too small to split, and 2 OpenMP threads "
-                        "sharing 2 cores with another process measured up to 10x slower; 0 = torch's default)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per configuration (default 5; 3 with --random-weights); step 1 is warm-up and not averaged",
+    )
+    p.add_argument(
+        "--only", default=None, help="which comparisons to run, e.g. 1,3 (default: 1,2,3,4; none with --random-weights)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: a tiny model's ops are too small to split, and 2 OpenMP threads "
+        "sharing 2 cores with another process measured up to 10x slower; 0 = torch's default)",
+    )
     p.add_argument("--keep", default="", help="keep the runs' output folders under this folder")
     p.add_argument("--memory", default="", help="only the memory section: prompt counts, e.g. 100,25000")
     p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -296,7 +459,9 @@ def parse_args(argv=None):
     if args.random_weights and args.model != "sd3.5-medium":
         p.error(f"--random-weights builds sd3.5-medium only, not '{args.model}'")
     if args.random_weights and not args.dry_run and not torch.cuda.is_available():
-        p.error("--random-weights needs a CUDA GPU (8 B parameters); --dry-run prints the parameter counts on any machine")
+        p.error(
+            "--random-weights needs a CUDA GPU (8 B parameters); --dry-run prints the parameter counts on any machine"
+        )
     random = args.random_weights
     args.steps = args.steps if args.steps is not None else (3 if random else 5)
     if args.steps < 2:
@@ -354,10 +519,22 @@ def make_config(args, overrides, folder):
     with open(eval_prompts, "w") as f:
         f.write("a corgi running on a beach at sunset\n")
     settings = dict(
-        model=args.model, resolution=args.resolution, reward=args.reward, reward_model_dir=args.reward_model_dir,
-        group_size=args.group_size, groups_per_step=args.groups_per_step, batch_size=args.batch_size, beta=args.beta,
-        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, max_steps=args.steps, eval_every=10**9,
-        eval_num_steps=2, eval_prompts=eval_prompts, save_every=10**9, out=os.path.join(folder, "run"),
+        model=args.model,
+        resolution=args.resolution,
+        reward=args.reward,
+        reward_model_dir=args.reward_model_dir,
+        group_size=args.group_size,
+        groups_per_step=args.groups_per_step,
+        batch_size=args.batch_size,
+        beta=args.beta,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        max_steps=args.steps,
+        eval_every=10**9,
+        eval_num_steps=2,
+        eval_prompts=eval_prompts,
+        save_every=10**9,
+        out=os.path.join(folder, "run"),
         # an optimizer step takes whole rollout batches: one step of a single batch allows one update
         updates_per_step=min(fg.Config.updates_per_step, args.groups_per_step * args.group_size // args.batch_size),
     )
@@ -403,7 +580,9 @@ def measure_flops(run, cfg, device):
     x = torch.randn(cfg.batch_size, *fg.latent_shape(pipe, cfg), device=device)
     out = {}
     for guidance in (4.5, 1.0):
-        text_for = fg.text_encoder_for(pipe, dataclasses.replace(cfg, guidance_scale=guidance, precompute_text_embeds=False), [], device)
+        text_for = fg.text_encoder_for(
+            pipe, dataclasses.replace(cfg, guidance_scale=guidance, precompute_text_embeds=False), [], device
+        )
         out[f"text_{guidance > 1}"] = count_flops(lambda: text_for(prompts, cfg.group_size))
     text = text_for(prompts, cfg.group_size)  # no CFG: B inputs
     with torch.no_grad():
@@ -429,8 +608,10 @@ def transformer_flops(pipe, cfg):
     weight = transformer.get_base_model().pos_embed.proj.weight
     like = {"device": weight.device, "dtype": weight.dtype}
     x = torch.randn(1, *fg.latent_shape(pipe, cfg), **like)
-    text = fg.TextEmbeddings(torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, **like),
-                             torch.randn(1, config.pooled_projection_dim, **like))
+    text = fg.TextEmbeddings(
+        torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, **like),
+        torch.randn(1, config.pooled_projection_dim, **like),
+    )
     timestep = torch.tensor(500.0, device=weight.device)
 
     def forward():
@@ -449,8 +630,12 @@ def step_flops(result, per_input, beta):
     steps x inputs x (forward + backward, + reference forward when beta > 0)."""
     cfg = result["cfg"]
     rollout = result["batches"] * cfg.num_steps * result["inputs"] * per_input["policy"]
-    train = result["batches"] * result["trained"] * result["inputs"] * (
-        per_input["train"] + (per_input["reference"] if beta > 0 else 0))
+    train = (
+        result["batches"]
+        * result["trained"]
+        * result["inputs"]
+        * (per_input["train"] + (per_input["reference"] if beta > 0 else 0))
+    )
     return {"rollout": rollout, "train": train}
 
 
@@ -476,12 +661,15 @@ def run_configuration(name, overrides, args, device, keep_root, text_flops=True)
     measured = records[1:]  # step 1 is warm-up
     step_seconds = [sum(r[f"seconds_{p}"] for p in PHASES) for r in records]
     result = {
-        "name": name, "cfg": cfg, "wall": wall,
+        "name": name,
+        "cfg": cfg,
+        "wall": wall,
         "seconds": {p: sum(r[f"seconds_{p}"] for r in measured) / len(measured) for p in PHASES},
         "skipped": sum(bool(r.get("skipped_update")) for r in measured),
         "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
         "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1),
-        "trained": sum(len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, r["step"] - 1))[1]) for r in measured) / len(measured),
+        "trained": sum(len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, r["step"] - 1))[1]) for r in measured)
+        / len(measured),
         # train() logs each step's GPU peaks (and resets them): the run's peak is the largest.
         "memory": {key: max(r[key] for r in records) for key in records[0] if key.startswith("gpu_")},
         "warmup": step_seconds[0] - sum(step_seconds[1:]) / len(measured),  # step 1's extra seconds
@@ -529,12 +717,21 @@ def describe(cfg):
 
 def synthetic_prompts(count):
     """count distinct prompts of about the official PickScore prompts' length (114 characters on average)."""
-    subjects = ["a red fox", "an old lighthouse", "a bowl of ramen", "a robot gardener", "a snow leopard",
-                "a tiny house"]
+    subjects = [
+        "a red fox",
+        "an old lighthouse",
+        "a bowl of ramen",
+        "a robot gardener",
+        "a snow leopard",
+        "a tiny house",
+    ]
     places = ["in a misty forest", "on a rocky cliff", "under a starry sky", "in a neon-lit street", "by a calm lake"]
     styles = ["oil painting", "studio photograph", "watercolor", "isometric illustration", "cinematic lighting"]
-    return [f"{subjects[i % 6]} {places[i // 6 % 5]}, {styles[i // 30 % 5]}, highly detailed, trending on artstation, "
-            f"variation {i}" for i in range(count)]
+    return [
+        f"{subjects[i % 6]} {places[i // 6 % 5]}, {styles[i // 30 % 5]}, highly detailed, trending on artstation, "
+        f"variation {i}"
+        for i in range(count)
+    ]
 
 
 def memory_child(args):
@@ -546,8 +743,9 @@ def memory_child(args):
     prompt_file = os.path.join(folder, "prompts.txt")
     with open(prompt_file, "w") as f:
         f.write("\n".join(synthetic_prompts(args.memory_child)) + "\n")
-    cfg = dataclasses.replace(make_config(args, {}, folder), max_steps=2, prompts=prompt_file,
-                              precompute_text_embeds=True)
+    cfg = dataclasses.replace(
+        make_config(args, {}, folder), max_steps=2, prompts=prompt_file, precompute_text_embeds=True
+    )
     started = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         fg.train(cfg)
@@ -556,23 +754,55 @@ def memory_child(args):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     with open(os.path.join(cache, "index.json")) as f:
         index = json.load(f)
-    print(json.dumps({"prompts": args.memory_child, "peak_rss": peak, "wall": wall, "index": index,
-                      "cache_bytes": sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache))}))
+    print(
+        json.dumps(
+            {
+                "prompts": args.memory_child,
+                "peak_rss": peak,
+                "wall": wall,
+                "index": index,
+                "cache_bytes": sum(os.path.getsize(os.path.join(cache, n)) for n in os.listdir(cache)),
+            }
+        )
+    )
 
 
 def memory_section(args):
     import subprocess
 
     counts = [int(c) for c in args.memory.split(",") if c.strip()]
-    print(f"Host memory of --precompute-text-embeds: model {args.model}, {args.resolution} px, 2 steps of group "
-          f"{args.group_size} x {args.groups_per_step} prompts, one fresh process per prompt count", flush=True)
+    print(
+        f"Host memory of --precompute-text-embeds: model {args.model}, {args.resolution} px, 2 steps of group "
+        f"{args.group_size} x {args.groups_per_step} prompts, one fresh process per prompt count",
+        flush=True,
+    )
     rows, results = [], []
     for count in counts:
         folder = tempfile.mkdtemp(prefix=f"bench_memory_{count}_")
-        command = [sys.executable, os.path.abspath(__file__), "--memory-child", str(count), "--memory-folder", folder,
-                   "--model", args.model, "--resolution", str(args.resolution), "--reward", args.reward,
-                   "--group-size", str(args.group_size), "--groups-per-step", str(args.groups_per_step),
-                   "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-child",
+            str(count),
+            "--memory-folder",
+            folder,
+            "--model",
+            args.model,
+            "--resolution",
+            str(args.resolution),
+            "--reward",
+            args.reward,
+            "--group-size",
+            str(args.group_size),
+            "--groups-per-step",
+            str(args.groups_per_step),
+            "--batch-size",
+            str(args.batch_size),
+            "--dtype",
+            args.dtype,
+            "--threads",
+            str(args.threads),
+        ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         shutil.rmtree(folder, ignore_errors=True)
         if done.returncode:
@@ -583,17 +813,26 @@ def memory_section(args):
         row = sum(math.prod(s) for s in index["shapes"].values()) * itemsize
         result["former"] = 2 * count * row  # prompt and negative rows per prompt, as the in-memory cache held them
         results.append(result)
-        rows.append([f"{count:,}", f"{result['peak_rss'] / 2**20:.0f}", f"{result['cache_bytes'] / 2**20:.1f}",
-                     f"{result['former'] / 2**20:.0f}", f"{result['wall']:.1f}"])
+        rows.append(
+            [
+                f"{count:,}",
+                f"{result['peak_rss'] / 2**20:.0f}",
+                f"{result['cache_bytes'] / 2**20:.1f}",
+                f"{result['former'] / 2**20:.0f}",
+                f"{result['wall']:.1f}",
+            ]
+        )
         print(f"  ran {count:,} prompts: peak RSS {result['peak_rss'] / 2**20:.0f} MiB", flush=True)
     print()
     print(table(["prompts", "peak RSS MiB", "cache on disk MiB", "former in-RAM cache MiB", "wall s"], rows, left=0))
     if len(results) > 1:
         low, high = results[0], results[-1]
-        print(f"peak RSS difference {high['prompts']:,} vs {low['prompts']:,} prompts: "
-              f"{(high['peak_rss'] - low['peak_rss']) / 2**20:+.0f} MiB; one cached row (prompt or \"\") is "
-              f"{row:,} bytes "
-              f"({index['shapes']['embeds']} + {index['shapes']['pooled']} in {index['dtype']})")
+        print(
+            f"peak RSS difference {high['prompts']:,} vs {low['prompts']:,} prompts: "
+            f'{(high["peak_rss"] - low["peak_rss"]) / 2**20:+.0f} MiB; one cached row (prompt or "") is '
+            f"{row:,} bytes "
+            f"({index['shapes']['embeds']} + {index['shapes']['pooled']} in {index['dtype']})"
+        )
 
 
 def main(argv=None):
@@ -609,33 +848,49 @@ def main(argv=None):
         return memory_section(args)
     runs, comparisons = configurations(args)
     keep_root = os.path.abspath(args.keep) if args.keep else ""
-    print(f"Flow-GRPO benchmark: model {args.model}{' (random weights)' if args.random_weights else ''}, "
-          f"{args.resolution} px, device {device}"
-          f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} torch threads)'}, reward {args.reward}, "
-          f"group {args.group_size} x {args.groups_per_step} prompts, batch {args.batch_size}, beta {args.beta:g}"
-          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
-          f"{args.steps} steps per configuration, step 1 not averaged", flush=True)
+    print(
+        f"Flow-GRPO benchmark: model {args.model}{' (random weights)' if args.random_weights else ''}, "
+        f"{args.resolution} px, device {device}"
+        f"{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} torch threads)'}, reward {args.reward}, "
+        f"group {args.group_size} x {args.groups_per_step} prompts, batch {args.batch_size}, beta {args.beta:g}"
+        f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; "
+        f"{args.steps} steps per configuration, step 1 not averaged",
+        flush=True,
+    )
     started = time.perf_counter()
     per_input = count_per_input_flops(args)
     reward_folder = use_random_weights(args, device) if args.random_weights else ""
     if reward_folder:
-        print(f"  PickScore (CLIP-H) with random weights saved to {reward_folder} "
-              f"[{time.perf_counter() - started:.0f} s]", flush=True)
+        print(
+            f"  PickScore (CLIP-H) with random weights saved to {reward_folder} "
+            f"[{time.perf_counter() - started:.0f} s]",
+            flush=True,
+        )
     results = {}
     try:
         for name, overrides in runs.items():
             try:
-                results[name] = run_configuration(name, overrides, args, device, keep_root, text_flops=bool(comparisons))
+                results[name] = run_configuration(
+                    name, overrides, args, device, keep_root, text_flops=bool(comparisons)
+                )
             except torch.cuda.OutOfMemoryError as error:  # e.g. live T5-XXL next to a large batch on a 24 GB card
                 peak = torch.cuda.max_memory_allocated() / 2**30
-                print(f"  {name:<12} out of GPU memory (peak {peak:.1f} GiB before failing: {str(error).splitlines()[0][:100]}); "
-                      f"comparisons using it are skipped", flush=True)
+                print(
+                    f"  {name:<12} out of GPU memory (peak {peak:.1f} GiB before failing: "
+                    f"{str(error).splitlines()[0][:100]}); "
+                    f"comparisons using it are skipped",
+                    flush=True,
+                )
                 gc.collect()
                 torch.cuda.empty_cache()
                 continue
             s = results[name]["seconds"]
-            print(f"  ran {name:<12} ({describe(results[name]['cfg'])}): rollout {s['rollout']:.3f} s, reward {s['reward']:.3f} s, "
-                  f"train {s['train']:.3f} s per step  [{results[name]['wall']:.0f} s wall]", flush=True)
+            print(
+                f"  ran {name:<12} ({describe(results[name]['cfg'])}): rollout {s['rollout']:.3f} s, reward "
+                f"{s['reward']:.3f} s, "
+                f"train {s['train']:.3f} s per step  [{results[name]['wall']:.0f} s wall]",
+                flush=True,
+            )
     finally:
         if reward_folder:
             shutil.rmtree(reward_folder, ignore_errors=True)
@@ -657,11 +912,37 @@ def print_comparisons(results, comparisons, args):
     rows = []
     for name, r in results.items():
         s, u = r["seconds"], units[name]
-        rows.append([name, describe(r["cfg"]), f"{s['rollout']:.3f}", f"{s['reward']:.3f}", f"{s['train']:.3f}",
-                     f"{sum(s.values()):.3f}", f"{u['rollout']:.0f}", f"{u['train']:.0f}",
-                     f"{1e3 * s['rollout'] / u['rollout']:.2f}", f"{1e3 * s['train'] / u['train']:.2f}"])
-    print(table(["config", "settings", "rollout s", "reward s", "train s", "total s", "roll fwd", "train fwd",
-                 "ms/fwd roll", "ms/fwd train"], rows))
+        rows.append(
+            [
+                name,
+                describe(r["cfg"]),
+                f"{s['rollout']:.3f}",
+                f"{s['reward']:.3f}",
+                f"{s['train']:.3f}",
+                f"{sum(s.values()):.3f}",
+                f"{u['rollout']:.0f}",
+                f"{u['train']:.0f}",
+                f"{1e3 * s['rollout'] / u['rollout']:.2f}",
+                f"{1e3 * s['train'] / u['train']:.2f}",
+            ]
+        )
+    print(
+        table(
+            [
+                "config",
+                "settings",
+                "rollout s",
+                "reward s",
+                "train s",
+                "total s",
+                "roll fwd",
+                "train fwd",
+                "ms/fwd roll",
+                "ms/fwd train",
+            ],
+            rows,
+        )
+    )
 
     print("\nRatios: measured seconds vs expected from counting transformer forwards (backward = 2 forwards)")
     rows, notes = [], []
@@ -672,32 +953,62 @@ def print_comparisons(results, comparisons, args):
             flag = ""
             if abs(measured / expected - 1) > TOLERANCE:
                 flag = f"[{len(notes) + 1}]"
-                reason = REWARD_REASON if phase == "reward" else REASONS[(key, phase, "low" if measured < expected else "high")]
+                reason = (
+                    REWARD_REASON
+                    if phase == "reward"
+                    else REASONS[(key, phase, "low" if measured < expected else "high")]
+                )
                 notes.append(f"{flag} {title}, {phase}: measured {measured:.2f} vs {expected:.2f}: {reason}")
-            rows.append([title if phase == "rollout" else "", phase, f"{num} / {den}", f"{measured:.2f}", f"{expected:.2f}", flag])
+            rows.append(
+                [
+                    title if phase == "rollout" else "",
+                    phase,
+                    f"{num} / {den}",
+                    f"{measured:.2f}",
+                    f"{expected:.2f}",
+                    flag,
+                ]
+            )
     print(table(["comparison", "phase", "configs", "measured", "expected", "note"], rows, left=3))
     for note in notes:
         print(note)
 
-    print("\nHow 'expected' is counted: rollout = batches x T x inputs (+ live text encoding), inputs = batch, x2 with CFG;")
-    print("train = batches x trained steps x inputs x (forward + backward + reference forward when beta > 0); reward = same work.")
+    print(
+        "\nHow 'expected' is counted: rollout = batches x T x inputs (+ live text encoding), inputs = "
+        "batch, x2 with CFG;"
+    )
+    print(
+        "train = batches x trained steps x inputs x (forward + backward + reference forward when beta > 0); "
+        "reward = same work."
+    )
     if flops:
-        print(f"FLOP counter: one transformer forward on one input = {flops['forward_per_input'] / 1e6:.2f} MFLOP; live text "
-              f"encoding of one batch = {flops['text_True'] / flops['forward_per_input']:.1f} forwards with CFG, "
-              f"{flops['text_False'] / flops['forward_per_input']:.1f} without; a backward = "
-              f"{flops['backward_in_forwards']:.2f} forwards (frozen base: no weight gradients; it cancels in every ratio).")
+        print(
+            f"FLOP counter: one transformer forward on one input = {flops['forward_per_input'] / 1e6:.2f} "
+            f"MFLOP; live text "
+            f"encoding of one batch = {flops['text_True'] / flops['forward_per_input']:.1f} forwards with CFG, "
+            f"{flops['text_False'] / flops['forward_per_input']:.1f} without; a backward = "
+            f"{flops['backward_in_forwards']:.2f} forwards (frozen base: no weight gradients; it cancels in "
+            f"every ratio)."
+        )
     trained = {n: r["trained"] for n, r in results.items()}
-    print(f"Trained steps per batch: {', '.join(f'{n} {t:g}' for n, t in trained.items())} "
-          f"(train_fraction 0.99 leaves the last step out; the window trains its K steps).")
+    print(
+        f"Trained steps per batch: {', '.join(f'{n} {t:g}' for n, t in trained.items())} "
+        f"(train_fraction 0.99 leaves the last step out; the window trains its K steps)."
+    )
     skipped = [n for n, r in results.items() if r["skipped"]]
     if skipped:
-        print(f"warning: {', '.join(skipped)}: an update was skipped (all groups had equal rewards): its train time is not representative")
+        print(
+            f"warning: {', '.join(skipped)}: an update was skipped (all groups had equal rewards): its "
+            f"train time is not representative"
+        )
     per_forward = [1e3 * r["seconds"][p] / units[n][p] for n, r in results.items() for p in ("rollout", "train")]
-    print(f"Seconds per forward-equivalent range {min(per_forward):.2f}-{max(per_forward):.2f} ms over all configurations and "
-          f"phases: the closer to constant, the better the forward count predicts time. Where it is not (a tiny model "
-          f"with small batches), per-op Python/dispatch overhead, not FLOPs, sets the time: batch size and CFG then cost "
-          f"less than counted, and fixed per-step costs (text encoding, optimizer steps) weigh more.")
-
+    print(
+        f"Seconds per forward-equivalent range {min(per_forward):.2f}-{max(per_forward):.2f} ms over all "
+        f"configurations and "
+        f"phases: the closer to constant, the better the forward count predicts time. Where it is not (a tiny model "
+        f"with small batches), per-op Python/dispatch overhead, not FLOPs, sets the time: batch size and CFG then cost "
+        f"less than counted, and fixed per-step costs (text encoding, optimizer steps) weigh more."
+    )
 
 
 def count_per_input_flops(args):
@@ -716,8 +1027,12 @@ def step_shape(cfg, steps=(0,)):
     """Rollout batches per step, transformer inputs per forward (x2 with CFG), trained steps per batch (mean over
     `steps`: a --sde-window draws its window per step)."""
     trained = [len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, step))[1]) for step in steps]
-    return {"cfg": cfg, "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
-            "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1), "trained": sum(trained) / len(trained)}
+    return {
+        "cfg": cfg,
+        "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
+        "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1),
+        "trained": sum(trained) / len(trained),
+    }
 
 
 def print_throughput_table(results, args, per_input, device):
@@ -741,28 +1056,70 @@ def print_throughput_table(results, args, per_input, device):
         s, cfg = r["seconds"], r["cfg"]
         flops = step_flops(r, per_input, args.beta) if per_input else {"rollout": 0, "train": 0}
         step = sum(s.values())
-        rows.append([config, describe(cfg), f"{s['rollout']:.3f}", f"{s['reward']:.3f}", f"{s['train']:.3f}", f"{step:.3f}",
-                     f"{cfg.groups_per_step * cfg.group_size / step:.3g}", rate(flops["rollout"], s["rollout"]),
-                     rate(flops["train"], s["train"]), rate(flops["rollout"] + flops["train"], step),
-                     gib(r, "gpu_allocated_peak_gib"), gib(r, "gpu_reserved_peak_gib"), gib(r, "gpu_device_used_gib"),
-                     f"{r['warmup']:.1f}", f"{r['compile']:.1f}" if r["compile"] else "-"])
+        rows.append(
+            [
+                config,
+                describe(cfg),
+                f"{s['rollout']:.3f}",
+                f"{s['reward']:.3f}",
+                f"{s['train']:.3f}",
+                f"{step:.3f}",
+                f"{cfg.groups_per_step * cfg.group_size / step:.3g}",
+                rate(flops["rollout"], s["rollout"]),
+                rate(flops["train"], s["train"]),
+                rate(flops["rollout"] + flops["train"], step),
+                gib(r, "gpu_allocated_peak_gib"),
+                gib(r, "gpu_reserved_peak_gib"),
+                gib(r, "gpu_device_used_gib"),
+                f"{r['warmup']:.1f}",
+                f"{r['compile']:.1f}" if r["compile"] else "-",
+            ]
+        )
     peak_text = f", peak {peak:g} TFLOP/s dense bf16" if peak else ", peak unknown (--peak-tflops)" if cuda else ""
-    print(f"\nPer configuration on {name}{peak_text}: mean of steps 2..{args.steps}, {args.model}, {args.resolution} px")
-    print(table(["config", "settings", "rollout s", "reward s", "train s", "step s", "images/s", "rollout TFLOP/s",
-                 "train TFLOP/s", "step TFLOP/s", "alloc GiB", "reserved GiB", "device GiB", "step-1 extra s", "compile s"],
-                rows))
+    print(
+        f"\nPer configuration on {name}{peak_text}: mean of steps 2..{args.steps}, {args.model}, {args.resolution} px"
+    )
+    print(
+        table(
+            [
+                "config",
+                "settings",
+                "rollout s",
+                "reward s",
+                "train s",
+                "step s",
+                "images/s",
+                "rollout TFLOP/s",
+                "train TFLOP/s",
+                "step TFLOP/s",
+                "alloc GiB",
+                "reserved GiB",
+                "device GiB",
+                "step-1 extra s",
+                "compile s",
+            ],
+            rows,
+        )
+    )
     if per_input:
-        print(f"TFLOP/s: the transformer's FLOPs (torch.utils.flop_counter, one input of {TEXT_TOKENS} text tokens: "
-              f"forward {per_input['policy'] / 1e9:.4g} GFLOP, forward + backward {per_input['train'] / 1e9:.4g}, reference "
-              f"forward {per_input['reference'] / 1e9:.4g}; checkpointing's recomputation not counted) over the phase's "
-              f"seconds; rollout = batches x T x inputs forwards, train = batches x trained steps x inputs x (forward + "
-              f"backward{' + reference' if args.beta > 0 else ''}); text encoders, VAE and reward not counted.")
+        print(
+            f"TFLOP/s: the transformer's FLOPs (torch.utils.flop_counter, one input of {TEXT_TOKENS} text tokens: "
+            f"forward {per_input['policy'] / 1e9:.4g} GFLOP, forward + backward "
+            f"{per_input['train'] / 1e9:.4g}, reference "
+            f"forward {per_input['reference'] / 1e9:.4g}; checkpointing's recomputation not counted) over the phase's "
+            f"seconds; rollout = batches x T x inputs forwards, train = batches x trained steps x inputs x (forward + "
+            f"backward{' + reference' if args.beta > 0 else ''}); text encoders, VAE and reward not counted."
+        )
     if cuda:
-        print("GiB: the largest over the run's steps of what train() logs in metrics.jsonl: peak allocated and peak "
-              "reserved (torch.cuda.max_memory_*, reset each step), and the device's memory in use at the end of the "
-              "step (torch.cuda.mem_get_info: the CUDA context and the allocator's cache included, as nvidia-smi).")
-    print("step-1 extra: the first step's seconds minus the mean of the others (compilation, kernel autotuning, the "
-          "allocator growing its cache).")
+        print(
+            "GiB: the largest over the run's steps of what train() logs in metrics.jsonl: peak allocated and peak "
+            "reserved (torch.cuda.max_memory_*, reset each step), and the device's memory in use at the end of the "
+            "step (torch.cuda.mem_get_info: the CUDA context and the allocator's cache included, as nvidia-smi)."
+        )
+    print(
+        "step-1 extra: the first step's seconds minus the mean of the others (compilation, kernel autotuning, the "
+        "allocator growing its cache)."
+    )
 
 
 def dry_run(args):
@@ -773,8 +1130,10 @@ def dry_run(args):
     counts = parameter_counts(pipe, pickscore)
     table_rows = [[name, f"{n / 1e9:.3f} B", f"{2 * n / 1e9:.2f}"] for name, n in counts.items()]
     table_rows.append(["total", f"{sum(counts.values()) / 1e9:.3f} B", f"{2 * sum(counts.values()) / 1e9:.2f}"])
-    print(f"SD3.5-Medium and PickScore from their published configs, built on the meta device (shapes only) "
-          f"in {time.perf_counter() - started:.1f} s:")
+    print(
+        f"SD3.5-Medium and PickScore from their published configs, built on the meta device (shapes only) "
+        f"in {time.perf_counter() - started:.1f} s:"
+    )
     print(table(["component", "parameters", "bf16 GB"], table_rows, left=1))
     table_size = pipe.transformer.pos_embed.pos_embed.numel()
     print(f"(+ the transformer's position table, a buffer: {table_size / 1e9:.3f} B values)")
@@ -784,16 +1143,21 @@ def dry_run(args):
     shape = step_shape(cfg)
     flops = step_flops(shape, per_input, args.beta)
     inputs = shape["inputs"]
-    print(f"\nTransformer FLOPs (torch.utils.flop_counter on the meta device, LoRA r={cfg.lora_rank}), {cfg.resolution} px, "
-          f"{TEXT_TOKENS} text tokens: one forward of {inputs} inputs (batch {cfg.batch_size}, CFG) "
-          f"{inputs * per_input['policy'] / 1e12:.2f} TFLOP, forward + backward {inputs * per_input['train'] / 1e12:.2f} "
-          f"TFLOP, reference forward {inputs * per_input['reference'] / 1e12:.2f} TFLOP.")
+    print(
+        f"\nTransformer FLOPs (torch.utils.flop_counter on the meta device, LoRA r={cfg.lora_rank}), "
+        f"{cfg.resolution} px, "
+        f"{TEXT_TOKENS} text tokens: one forward of {inputs} inputs (batch {cfg.batch_size}, CFG) "
+        f"{inputs * per_input['policy'] / 1e12:.2f} TFLOP, forward + backward {inputs * per_input['train'] / 1e12:.2f} "
+        f"TFLOP, reference forward {inputs * per_input['reference'] / 1e12:.2f} TFLOP."
+    )
     peak = args.peak_tflops or dict(PEAK_TFLOPS)["H100"]
     total = flops["rollout"] + flops["train"]
-    print(f"One step of {cfg.groups_per_step * cfg.group_size} images (T={cfg.num_steps}, {shape['batches']} batches, "
-          f"{shape['trained']:g} trained steps each, beta {args.beta:g}): rollout {flops['rollout'] / 1e12:.0f} TFLOP, "
-          f"train {flops['train'] / 1e12:.0f} TFLOP; at {peak:g} TFLOP/s "
-          f"({'--peak-tflops' if args.peak_tflops else 'an H100'}) no faster than {total / peak / 1e12:.2f} s.")
+    print(
+        f"One step of {cfg.groups_per_step * cfg.group_size} images (T={cfg.num_steps}, {shape['batches']} batches, "
+        f"{shape['trained']:g} trained steps each, beta {args.beta:g}): rollout {flops['rollout'] / 1e12:.0f} TFLOP, "
+        f"train {flops['train'] / 1e12:.0f} TFLOP; at {peak:g} TFLOP/s "
+        f"({'--peak-tflops' if args.peak_tflops else 'an H100'}) no faster than {total / peak / 1e12:.2f} s."
+    )
 
 
 if __name__ == "__main__":
