@@ -9,6 +9,21 @@ Read top to bottom next to the paper:
 Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], sigma = 1 is noise,
 x_sigma = (1 - sigma) * x0 + sigma * eps, the model predicts the velocity v ~ eps - x0, sampling goes
 from sigma = 1 down to 0, so dt = sigma_next - sigma < 0 and the ODE (Euler) step is x + v * dt.
+
+Notation, paper symbol -> code name (the paper writes a denoising step x_t -> x_{t-1}; the code counts
+steps j = 0 .. T-1 from noise, x_j -> x_{j+1}, with x_j at sigmas[j]):
+  t (the noise level of x_t)        sigma, sigmas[j];  the next one: sigma_next, sigmas[j + 1]
+  Delta t                           dt = sigma_next - sigma (negative)
+  sigma_t (diffusion coefficient)   sigma_t = noise_level * sqrt(sigma / (1 - sigma))
+  a (noise level)                   noise_level (--noise-level)
+  x_{t-1} (the next sample)         prev_x (StepOutput), trajectory.latents[:, j + 1]
+  epsilon ~ N(0, I)                 gaussian_noise(...)
+  G (group size), c (prompt)        group_size (--group-size), prompts
+  A_i (advantage)                   group_advantages(...)
+  r_t = pi_theta / pi_old           ratio, formed in grpo_step_objective
+  epsilon (clip range)              clip_range (--clip-range)
+  beta (KL weight)                  beta (--beta)
+  pi_ref                            the same transformer with its LoRA switched off (disable_adapter)
 """
 
 import math
