@@ -505,21 +505,24 @@ class Config:
     compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
 
 
-def parse_config(argv=None) -> Config:
+def parse_config(argv=None, config_class=None, description=None, epilog=None):
+    """The CLI of a config dataclass: every field a flag (--group-size 8), its help from config_field. toy_2d.py
+    uses it for its own Config."""
     import argparse
 
-    parser = argparse.ArgumentParser(
-        description="Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)",
-        epilog="python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)",
-    )
-    for f in fields(Config):
+    config_class = config_class or Config
+    if config_class is Config:
+        description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
+        epilog = "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)"
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
+        if type(f.default) is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + " (default: %(default)s)")
-    return Config(**vars(parser.parse_args(argv)))
+            help = f.metadata["help"] + " (default: %(default)s)"
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
+    return config_class(**vars(parser.parse_args(argv)))
 
 
 class UsageError(Exception):

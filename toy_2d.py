@@ -10,7 +10,6 @@ script measures the paper's three claims, prints them as a table and writes <out
 A figure goes to <out>/toy.png. Everything is seeded: only the measured seconds vary between runs.
 """
 
-import argparse
 import dataclasses
 import json
 import math
@@ -22,40 +21,48 @@ import torch.nn as nn
 
 import flow_grpo
 
+field = flow_grpo.config_field  # the same idiom as flow_grpo.Config: every field a flag, with its help
+
 
 @dataclasses.dataclass
 class Config:
-    seed: int = 0
-    out: str = "toy_out"  # output folder; only toy.json and toy.png are (over)written in it
-    threads: int = 1  # tiny MLPs: 2 threads are no faster on 2 cores, and 10x slower if the other core is busy
+    """Every field is a CLI flag (python toy_2d.py --help)."""
+
+    seed: int = field(0, "seed of the data, the pretraining, the rollouts and the evaluations")
+    out: str = field("toy_out", "output folder; only toy.json and toy.png are (over)written in it")
+    threads: int = field(1, "torch threads (tiny MLPs: 2 are no faster on 2 cores, 10x slower if the other is busy)")
     # data: 8 Gaussians on a ring; the "prompt" c in {0, 1} selects the even or the odd modes
-    radius: float = 2.0
-    mode_std: float = 0.15
+    radius: float = field(2.0, "radius of the ring of 8 Gaussian modes")
+    mode_std: float = field(0.15, "std of each mode")
     # pretraining by rectified flow matching
-    hidden: int = 128
-    pretrain_steps: int = 2000
-    pretrain_batch: int = 256
-    pretrain_lr: float = 2e-3
+    hidden: int = field(128, "width of the MLP velocity field v(x, sigma, c)")
+    pretrain_steps: int = field(2000, "steps of rectified flow matching")
+    pretrain_batch: int = field(256, "batch of rectified flow matching")
+    pretrain_lr: float = field(2e-3, "Adam learning rate of the pretraining")
     # sampling: SD3's shifted schedule, as in the paper
-    shift: float = 3.0
-    eval_steps: int = 40
-    rollout_steps: int = 10
-    noise_level: float = 0.7
-    cps_noise_level: float = 0.8
-    n_eval: int = 6000  # samples per evaluation: two data draws are then ~0.02-0.03 apart (the noise floor)
+    shift: float = field(3.0, "shift of SD3's sigma schedule")
+    eval_steps: int = field(40, "ODE steps of every evaluation, and rollout steps of the 40-step run")
+    rollout_steps: int = field(10, "SDE steps of a training rollout (denoising reduction)")
+    noise_level: float = field(0.7, "a of the SDE, sigma_t = a sqrt(sigma / (1 - sigma))")
+    cps_noise_level: float = field(0.8, "a of CPS in table (a)")
+    n_eval: int = field(6000, "samples per evaluation (two data draws are then ~0.02-0.03 apart: the noise floor)")
     # Flow-GRPO
-    epochs: int = 200
-    groups: int = 8  # groups ("prompts") per epoch, half of them per label
-    group_size: int = 16
-    lr: float = 3e-4
-    clip_range: float = 0.05  # log-probs are averaged over only 2 dims: a 2D ratio moves far more than 1e-4
-    adv_clip: float = 5.0
-    beta: float = 0.5  # KL weight of the "with KL" runs (KL with |dt| in the variance, see gaussian_kl)
-    minibatches: int = 2  # optimiser steps per epoch, as the official code; the 2nd is off-policy, so clipping acts
-    target_x: float = 2.0  # reward = -||x - target||; (2, 0) is the centre of mode 0
-    target_y: float = 0.0
-    eval_every: int = 10
-    ratio_norm: bool = True  # a row: the beta run with GRPO-Guard's RatioNorm (flow_grpo.normalised_log_ratio)
+    epochs: int = field(200, "rollout-and-update epochs of each run")
+    groups: int = field(8, "groups (prompts) per epoch, half of them per label")
+    group_size: int = field(16, "rollouts per group, G")
+    lr: float = field(3e-4, "AdamW learning rate")
+    clip_range: float = field(
+        0.05, "clip range (log-probs averaged over only 2 dims: a 2D ratio moves far more than 1e-4)"
+    )
+    adv_clip: float = field(5.0, "advantages are clamped to +-adv_clip")
+    beta: float = field(0.5, "KL weight of the 'with KL' runs (KL with |dt| in the variance, see gaussian_kl)")
+    minibatches: int = field(
+        2, "optimiser steps per epoch, as the official code; the 2nd is off-policy, so clipping acts"
+    )
+    target_x: float = field(2.0, "reward = -||x - target||; (2, 0) is the centre of mode 0")
+    target_y: float = field(0.0, "second coordinate of the target")
+    eval_every: int = field(10, "epochs between the points of the reward curves")
+    ratio_norm: bool = field(True, "add a row: the beta run with GRPO-Guard's RatioNorm (normalised_log_ratio)")
 
 
 def generator(cfg, stream):
@@ -63,12 +70,8 @@ def generator(cfg, stream):
     return torch.Generator().manual_seed(1000 * cfg.seed + stream)
 
 
-def parse_args() -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        kind = {"action": argparse.BooleanOptionalAction} if type(f.default) is bool else {"type": type(f.default)}
-        parser.add_argument(f"--{f.name.replace('_', '-')}", **kind, default=f.default, help=f"default: {f.default}")
-    return Config(**vars(parser.parse_args()))
+def parse_args(argv=None) -> Config:
+    return flow_grpo.parse_config(argv, Config, description=__doc__.split("\n")[0])
 
 
 # --------------------------------------------------------------------------------------------------
