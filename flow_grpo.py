@@ -154,6 +154,28 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     return StepOutput(prev_x, gaussian_log_prob(prev_x, mean, std), mean, std)
 
 
+class Trajectory(NamedTuple):
+    latents: torch.Tensor  # [B, T+1, ...]: x at every sigma, from noise to the final sample
+    log_probs: torch.Tensor  # [B, T]: log pi_old(x_{j+1} | x_j) recorded in the rollout
+    means: torch.Tensor  # [B, T, ...]: mean of pi_old(. | x_j), which RatioNorm needs
+
+
+def rollout(velocity, x, sigmas, noise_levels, step_fn=sde_step, generator=None) -> Trajectory:
+    """Sample from x at sigmas[0] = 1 down to sigmas[-1] = 0 with step_fn (the SDE of Eq. 9, CPS, or the
+    ODE where the noise level is 0), recording every x_j and log pi(x_{j+1} | x_j): the trajectory the
+    policy gradient is computed on. velocity(x, j) -> v is the policy's velocity at step j (the full run:
+    SD3 with CFG; the toy: an MLP); noise_levels: one a for every step, or a single float."""
+    xs, log_probs, means = [x], [], []
+    for j in range(len(sigmas) - 1):
+        a = noise_levels if isinstance(noise_levels, (int, float)) else noise_levels[j]
+        out = step_fn(velocity(x, j), x, sigmas[j], sigmas[j + 1], a, generator=generator)
+        x = out.prev_x
+        xs.append(x)
+        log_probs.append(out.log_prob)
+        means.append(out.mean)
+    return Trajectory(torch.stack(xs, dim=1), torch.stack(log_probs, dim=1), torch.stack(means, dim=1))
+
+
 def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std) -> torch.Tensor:
     """KL(pi_theta || pi_ref) of one step, exact: both are Gaussians with the same std (paper Eq. 10).
 
@@ -954,12 +976,6 @@ def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_sca
     return v
 
 
-class Trajectory(NamedTuple):
-    latents: torch.Tensor  # [B, T+1, C, H, W]: x at every sigma, from noise to the final sample
-    log_probs: torch.Tensor  # [B, T]: log pi_old(x_{j+1} | x_j) recorded in the rollout
-    means: torch.Tensor  # [B, T, C, H, W]: mean of pi_old(. | x_j), which RatioNorm needs
-
-
 def schedule(pipe, num_steps: int, device):
     """sigmas [T+1] and transformer timesteps [T] of SD3's shifted FlowMatchEulerDiscreteScheduler."""
     pipe.scheduler.set_timesteps(num_steps, device=device)
@@ -970,16 +986,12 @@ def schedule(pipe, num_steps: int, device):
 def sample(
     transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None
 ) -> Trajectory:
-    """Run the sampler from pure noise: step j uses noise level noise_levels[j] (0 = ODE)."""
-    trajectory, log_probs, means = [latents.float()], [], []
-    x = latents.float()
-    for j in range(len(timesteps)):
-        v = guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
-        x, log_prob, mean, _ = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], generator=generator)
-        trajectory.append(x)
-        log_probs.append(log_prob)
-        means.append(mean)
-    return Trajectory(torch.stack(trajectory, dim=1), torch.stack(log_probs, dim=1), torch.stack(means, dim=1))
+    """The rollout of SD3 from pure noise with CFG: step j uses noise level noise_levels[j] (0 = ODE)."""
+
+    def velocity(x, j):
+        return guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
+
+    return rollout(velocity, latents.float(), sigmas, noise_levels, step_fn, generator)
 
 
 def decode_images(pipe, latents):

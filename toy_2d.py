@@ -177,15 +177,11 @@ def sigma_schedule(steps, shift):
 
 @torch.no_grad()
 def rollout(model, labels, sigmas, noise_level, gen, step_fn=flow_grpo.sde_step):
-    """Sample from sigma = 1 to 0, keeping the trajectory and each step's log-prob (the 'old' policy)."""
+    """Sample from sigma = 1 to 0 with flow_grpo.rollout, the full run's loop: the trajectory [T+1, B, 2] and
+    each step's log-prob [T, B] (the 'old' policy), time first for the slicing below."""
     x = torch.randn(len(labels), 2, generator=gen)
-    xs, log_probs = [x], []
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-        out = step_fn(model(x, sigma, labels), x, sigma, sigma_next, noise_level, generator=gen)
-        x = out.prev_x
-        xs.append(x)
-        log_probs.append(out.log_prob)
-    return torch.stack(xs), torch.stack(log_probs)
+    trajectory = flow_grpo.rollout(lambda x, j: model(x, sigmas[j], labels), x, sigmas, noise_level, step_fn, gen)
+    return trajectory.latents.transpose(0, 1), trajectory.log_probs.transpose(0, 1)
 
 
 def evaluate(model, cfg, n=None):
