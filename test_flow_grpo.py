@@ -1149,19 +1149,24 @@ def trained(tmp_path_factory):
     return F.train(tiny_config(folder)), folder
 
 
-def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_pipe):
-    prompts = ["a photo of a cat", "the dog on a chair"]
-    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    expected = tiny_pipe(
-        prompt=prompts,
+def diffusers_sample(pipe, prompt, latents, steps, output_type="latent"):
+    """The diffusers pipeline's own 32 px sample with CFG 4.5 from these latents: the reference our code must equal."""
+    return pipe(
+        prompt=prompt,
         latents=latents.clone(),
-        num_inference_steps=6,
+        num_inference_steps=steps,
         guidance_scale=4.5,
         height=32,
         width=32,
-        output_type="latent",
+        output_type=output_type,
         max_sequence_length=128,
     ).images
+
+
+def test_ode_rollout_reproduces_the_diffusers_pipeline(tiny_pipe):
+    prompts = ["a photo of a cat", "the dog on a chair"]
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    expected = diffusers_sample(tiny_pipe, prompts, latents, 6)
     text = F.encode_prompts(tiny_pipe, prompts, 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(tiny_pipe, 6, "cpu")
     out = F.sample(tiny_pipe.transformer, text, latents, sigmas, timesteps, 4.5, [0.0] * 6)
@@ -1242,16 +1247,7 @@ def test_saved_lora_loads_in_diffusers_and_reproduces_the_ema_model(trained):
     pipe = F.build_tiny_pipeline()
     pipe.load_lora_weights(str(folder / "lora"), weight_name="pytorch_lora_weights.safetensors")
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    loaded = pipe(
-        prompt="a cat",
-        latents=latents.clone(),
-        num_inference_steps=4,
-        guidance_scale=4.5,
-        height=32,
-        width=32,
-        output_type="latent",
-        max_sequence_length=128,
-    ).images
+    loaded = diffusers_sample(pipe, "a cat", latents, 4)
     text = F.encode_prompts(run.pipe, ["a cat"], 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(run.pipe, 4, "cpu")
     with F.swap_in(run.params, run.ema_params):
@@ -1773,26 +1769,8 @@ def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, mo
 
 def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
-    expected = tiny_pipe(
-        prompt=["a cat", "a dog"],
-        latents=latents.clone(),
-        num_inference_steps=3,
-        guidance_scale=4.5,
-        height=32,
-        width=32,
-        output_type="np",
-        max_sequence_length=128,
-    ).images
-    final = tiny_pipe(
-        prompt=["a cat", "a dog"],
-        latents=latents.clone(),
-        num_inference_steps=3,
-        guidance_scale=4.5,
-        height=32,
-        width=32,
-        output_type="latent",
-        max_sequence_length=128,
-    ).images
+    expected = diffusers_sample(tiny_pipe, ["a cat", "a dog"], latents, 3, output_type="np")
+    final = diffusers_sample(tiny_pipe, ["a cat", "a dog"], latents, 3)
     ours = np.stack([np.asarray(image) for image in F.decode_images(tiny_pipe, final)])
     assert np.abs(ours.astype(float) - np.round(expected * 255)).max() <= 1
 
@@ -2509,16 +2487,7 @@ def test_each_checkpoint_holds_the_ema_lora_loadable_by_diffusers(checkpointed):
         assert torch.equal(loaded[diffusers_name], ema[str(i)])
     # and with the right scale alpha / r: the same samples.
     latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(3))
-    theirs = pipe(
-        prompt="a cat",
-        latents=latents.clone(),
-        num_inference_steps=4,
-        guidance_scale=4.5,
-        height=32,
-        width=32,
-        output_type="latent",
-        max_sequence_length=128,
-    ).images
+    theirs = diffusers_sample(pipe, "a cat", latents, 4)
     text = F.encode_prompts(pipe, ["a cat"], 1, 4.5, "cpu")
     sigmas, timesteps = F.schedule(pipe, 4, "cpu")
     torch.testing.assert_close(
