@@ -471,7 +471,7 @@ def test_toy_recomputed_log_prob_matches_rollout(toy):
     cfg, base = toy
     labels = torch.arange(64) % 2
     sigmas = toy_2d.sigma_schedule(10, cfg.shift)
-    xs, old = toy_2d.rollout(base, labels, sigmas, 0.7, toy_2d.generator(cfg, 9))
+    xs, old, _ = toy_2d.rollout(base, labels, sigmas, 0.7, toy_2d.generator(cfg, 9))
     x, prev_x = xs[:-1].reshape(-1, 2), xs[1:].reshape(-1, 2)
     sigma, sigma_next = sigmas[:-1].repeat_interleave(64), sigmas[1:].repeat_interleave(64)
     out = F.sde_step(base(x, sigma, labels.repeat(10)), x, sigma, sigma_next, 0.7, prev_x=prev_x)

@@ -177,17 +177,17 @@ def sigma_schedule(steps, shift):
 
 @torch.no_grad()
 def rollout(model, labels, sigmas, noise_level, gen, step_fn=flow_grpo.sde_step):
-    """Sample from sigma = 1 to 0 with flow_grpo.rollout, the full run's loop: the trajectory [T+1, B, 2] and
-    each step's log-prob [T, B] (the 'old' policy), time first for the slicing below."""
+    """Sample from sigma = 1 to 0 with flow_grpo.rollout, the full run's loop: a flow_grpo.Trajectory, time first
+    for the slicing below: x_j [T+1, B, 2], log pi_old(x_{j+1} | x_j) [T, B] and its mean [T, B, 2]."""
     x = torch.randn(len(labels), 2, generator=gen)
     trajectory = flow_grpo.rollout(lambda x, j: model(x, sigmas[j], labels), x, sigmas, noise_level, step_fn, gen)
-    return trajectory.latents.transpose(0, 1), trajectory.log_probs.transpose(0, 1)
+    return flow_grpo.Trajectory(*(values.transpose(0, 1) for values in trajectory))
 
 
 def evaluate(model, cfg, n=None):
     """As in the paper: the 40-step ODE (noise level 0), both labels, the same noise for every model."""
     labels = torch.arange(n or cfg.n_eval) % N_LABELS
-    x = rollout(model, labels, sigma_schedule(cfg.eval_steps, cfg.shift), 0.0, generator(cfg, 2))[0][-1]
+    x = rollout(model, labels, sigma_schedule(cfg.eval_steps, cfg.shift), 0.0, generator(cfg, 2)).latents[-1]
     return x, labels
 
 
@@ -207,19 +207,9 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
     """
     labels = (torch.arange(cfg.groups) % N_LABELS).repeat_interleave(cfg.group_size)
     group_ids = torch.arange(cfg.groups).repeat_interleave(cfg.group_size)
-    xs, old_log_probs = rollout(policy, labels, sigmas, cfg.noise_level, gen)
+    xs, old_log_probs, old_means = rollout(policy, labels, sigmas, cfg.noise_level, gen)
     advantages = flow_grpo.group_advantages(reward(xs[-1], cfg), group_ids)
     n_train = len(sigmas) - 2  # the last step (std ~ 0.006) is never trained, as in the paper
-    if ratio_norm:  # RatioNorm needs the rollout's transition means: the policy has not moved yet
-        with torch.no_grad():
-            old_means = torch.stack(
-                [
-                    flow_grpo.sde_step(
-                        policy(xs[i], sigmas[i], labels), xs[i], sigmas[i], sigmas[i + 1], cfg.noise_level
-                    ).mean
-                    for i in range(n_train)
-                ]
-            )
     clipped = []
     for batch in torch.randperm(len(labels), generator=gen).chunk(cfg.minibatches):
         # All trained timesteps of the minibatch in one forward pass of n_train * len(batch) rows.
@@ -232,7 +222,6 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
         if beta > 0:
             with torch.no_grad():
                 ref_mean = flow_grpo.sde_step(base(x, sigma, lab), x, sigma, sigma_next, cfg.noise_level).mean
-        old_mean = old_means[:, batch].reshape(-1, 2) if ratio_norm else None
         objective = flow_grpo.grpo_step_objective(
             out.log_prob,
             old_log_probs[:n_train, batch].reshape(-1),
@@ -246,7 +235,7 @@ def grpo_epoch(policy, base, opt, cfg, sigmas, beta, gen, ratio_norm=False):
             beta=beta,
             kl_dt_scale=False,
             ratio_norm=ratio_norm,
-            old_mean=old_mean,
+            old_mean=old_means[:n_train, batch].reshape(-1, 2),
         )
         opt.zero_grad()
         objective.loss.backward()
@@ -262,7 +251,7 @@ def mean_step_kl(policy, base, cfg, n=2000):
     Always on the 10-step schedule: gaussian_kl scales with |dt|, so only one schedule compares."""
     labels = torch.arange(n) % N_LABELS
     sigmas = sigma_schedule(cfg.rollout_steps, cfg.shift)
-    xs, _ = rollout(policy, labels, sigmas, cfg.noise_level, generator(cfg, 3))
+    xs = rollout(policy, labels, sigmas, cfg.noise_level, generator(cfg, 3)).latents
     kls = []
     for i in range(len(sigmas) - 2):
         mine, ref = (
@@ -311,7 +300,7 @@ def marginals(base, data, cfg):
     samplers.append((f"CPS a={cfg.cps_noise_level}", flow_grpo.cps_step, cfg.cps_noise_level))
     rows = {"data vs data (noise floor)": sliced_wasserstein(data, sample_data(cfg.n_eval, cfg, gen)[0], gen)}
     for name, step_fn, a in samplers:
-        rows[name] = sliced_wasserstein(data, rollout(base, labels, sigmas, a, gen, step_fn)[0][-1], gen)
+        rows[name] = sliced_wasserstein(data, rollout(base, labels, sigmas, a, gen, step_fn).latents[-1], gen)
     return rows
 
 
