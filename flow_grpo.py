@@ -1,10 +1,17 @@
 """Flow-GRPO: online GRPO for flow-matching text-to-image models (arXiv 2505.05470), in one file.
 
-Read top to bottom next to the paper:
-  1. the math, one small function per equation (sde_step, cps_step, gaussian_kl, group_advantages,
-     normalised_log_ratio) and the per-step objective (grpo_step_objective), plain torch, shared with
-     toy_2d.py;
-  2. the full run: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft), rewards from rewards.py.
+Read top to bottom next to the paper, after the notation below:
+  1. the math: one small function per equation (sde_step, cps_step, gaussian_log_prob, gaussian_kl,
+     group_advantages, normalised_log_ratio), the rollout loop (rollout) and the whole per-step objective
+     (grpo_step_objective); plain torch, shared with toy_2d.py;
+  2. Config: every command-line flag with its default;
+  3. the policy: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft): text, guided velocity, rollout, decode;
+  4. train(), the paper's Algorithm 1 in five numbered phases, after the pieces of one step it calls;
+  5. plumbing, out of the reader's path: setup, validation, run folder, checkpoints, text cache, data
+     parallelism, EMA and evaluation, metrics, GPU speed, built-in prompts;
+  6. the tiny random SD3 for CPUs and tests (--model tiny);
+  7. main, the command line.
+Rewards live in rewards.py.
 
 Conventions (as diffusers' FlowMatchEulerDiscreteScheduler): sigma in [0, 1], sigma = 1 is noise,
 x_sigma = (1 - sigma) * x0 + sigma * eps, the model predicts the velocity v ~ eps - x0, sampling goes
@@ -26,8 +33,24 @@ steps j = 0 .. T-1 from noise, x_j -> x_{j+1}, with x_j at sigmas[j]):
   pi_ref                            the same transformer with its LoRA switched off (disable_adapter)
 """
 
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import glob
+import hashlib
+import io
+import itertools
+import json
 import math
 import os
+import shlex
+import shutil
+import sys
+import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
@@ -47,13 +70,13 @@ default_cuda_allocator()
 import torch  # noqa: E402 (after the allocator's variable, on purpose)
 
 # --------------------------------------------------------------------------------------------------
-# 1. The math
+# 1. The math: one function per equation, plain torch, shared with toy_2d.py
 # --------------------------------------------------------------------------------------------------
 
 
 class StepOutput(NamedTuple):
-    prev_x: torch.Tensor  # x_{t+1}: the next (less noisy) sample
-    log_prob: torch.Tensor  # log pi(x_{t+1} | x_t, c), per sample, averaged over non-batch dims
+    prev_x: torch.Tensor  # x_{j+1}: the next (less noisy) sample
+    log_prob: torch.Tensor  # log pi(x_{j+1} | x_j, c), per sample, averaged over non-batch dims
     mean: torch.Tensor  # mean of the Gaussian transition
     std: torch.Tensor  # std of the Gaussian transition (broadcastable to x)
 
@@ -102,7 +125,7 @@ def sde_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     with sigma_t = a * sqrt(sigma / (1 - sigma)), a = noise_level. Discretised (Eq. 9):
         mean     = x + [ v + sigma_t^2 / (2 sigma) * (x + (1 - sigma) v) ] dt
         std      = sigma_t * sqrt(|dt|)
-        x_{t+1}  = mean + std * eps,   eps ~ N(0, I)
+        x_{j+1}  = mean + std * eps,   eps ~ N(0, I)
     At sigma = 1, 1 - sigma = 0: as the official code, sigma_next stands in the denominator there,
     sigma_t = a / sqrt(1 - sigma_next), so the first step's std is about a. With a = 0 this is exactly
     the Euler ODE step x + v dt.
@@ -130,14 +153,14 @@ def cps_step(v, x, sigma, sigma_next, noise_level, prev_x=None, generator=None) 
     With the predicted data x0_hat = x - sigma v and predicted noise x1_hat = x + (1 - sigma) v:
         std      = sigma_next * sin(a pi / 2)
         mean     = (1 - sigma_next) x0_hat + sqrt(sigma_next^2 - std^2) x1_hat
-        x_{t+1}  = mean + std * eps
-    so x_{t+1} carries exactly (1 - sigma_next) of the data and sigma_next of total (unit) noise,
+        x_{j+1}  = mean + std * eps
+    so x_{j+1} carries exactly (1 - sigma_next) of the data and sigma_next of total (unit) noise,
     which is what the model expects at sigma_next. a = 0 is the Euler ODE step.
     Unlike sde_step it is not a discretised SDE (its noise does not vanish as steps shrink): with a
     posterior-mean velocity it keeps the marginal's mean but shrinks its variance (by ~20% in std
     for a Gaussian at a = 0.8; test_cps_keeps_the_mean_and_follows_its_variance_recursion).
     log_prob is the proper Gaussian log-density. The official code (`flow_grpo/diffusers_patch/
-    sd3_sde_with_logprob.py`, `sde_step_with_logprob()`, sde_type 'cps') uses -mean((x_{t+1} - mean)^2)
+    sd3_sde_with_logprob.py`, `sde_step_with_logprob()`, sde_type 'cps') uses -mean((x_{j+1} - mean)^2)
     instead, i.e. 2 std^2 * our log_prob up to a constant. std runs from ~0.9 to ~0.008 over the
     schedule, so the two weight the steps up to ~10^4 apart; training uses the official weighting
     (grpo_step_objective with sde_type 'cps'), since its clip range and beta were tuned for it.
@@ -225,13 +248,13 @@ def normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std) -> torch.T
     """GRPO-Guard's RatioNorm (arXiv 2510.22319, Eq. 8 as other implementations cite it): the per-step
     log-ratio, re-centred and rescaled.
 
-    With x_{t+1} = mean_old + std * eps drawn by the rollout policy and delta = mean_theta - mean_old,
+    With x_{j+1} = mean_old + std * eps drawn by the rollout policy and delta = mean_theta - mean_old,
     the plain log-ratio of two Gaussians with the same std is (averaged over dims, as gaussian_log_prob)
-        log r_t = mean(eps * delta) / std - mean(delta^2) / (2 std^2)
+        log r_j = mean(eps * delta) / std - mean(delta^2) / (2 std^2)
     Its mean over the noise is -mean(delta^2) / (2 std^2) < 0 (the ratio is biased below 1, so a
     positive advantage rarely reaches the clip at 1 + eps), and its spread ~ |delta| / std changes with
     the step's std. RatioNorm adds the bias back and multiplies by std:
-        log r^_t = std * (log r_t + mean(delta^2) / (2 std^2)) = mean(eps * delta)
+        log r^_j = std * (log r_j + mean(delta^2) / (2 std^2)) = mean(eps * delta)
     which has mean 0 at every step. Official `scripts/train_sd3_GRPO_Guard.py`, `main()` (config.rationorm;
     std there is sqrt_dt * sigma_t, read from copies of the official file in forks of yifan123/flow_grpo).
     log_prob, old_log_prob: [B]; mean, old_mean: [B, ...]; std: a float or one value per sample.
@@ -278,19 +301,19 @@ def grpo_step_objective(
     old_mean=None,
     weights=None,
 ) -> StepObjective:
-    """The whole Flow-GRPO objective of one denoising step t, to minimise (paper Eq. 5-6 and Eq. 10):
+    """The whole Flow-GRPO objective of one denoising step j, to minimise (paper Eq. 5-6 and Eq. 10):
 
-        L_t = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) ) / d_i  +  beta * sum_i w_i c_i KL_i
+        L_j = sum_i w_i max( -A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps) ) / d_i  +  beta * sum_i w_i c_i KL_i
 
     A_i: advantage clipped to +-adv_clip (official); w_i: weights, uniform 1/B by default (a caller
     that masks samples passes weights that sum to 1); eps: clip_range.
 
-    Where the ratio is formed: r_i = exp(rho_i), one per sample, from the log-probs of x_{t+1}
+    Where the ratio is formed: r_i = exp(rho_i), one per sample, from the log-probs of x_{j+1}
     (averaged over dims, see gaussian_log_prob) under pi_theta (log_prob, with gradient) and under the
     rollout policy pi_old (old_log_prob):
       sde_type 'sde': rho = log pi_theta - log pi_old, the Gaussian ratio of Eq. 5.
       sde_type 'cps': rho = 2 std^2 (log pi_theta - log pi_old), which is the official CPS surrogate's
-        difference, -mean((x_{t+1} - mean_theta)^2) + mean((x_{t+1} - mean_old)^2) (see cps_step).
+        difference, -mean((x_{j+1} - mean_theta)^2) + mean((x_{j+1} - mean_old)^2) (see cps_step).
       ratio_norm (GRPO-Guard, SDE only): rho = normalised_log_ratio(...) and d_i = |dt| (its gradient
         reweighting, arXiv 2510.22319 Eq. 12 as cited elsewhere; official `scripts/train_sd3_GRPO_Guard.py`,
         `main()`: policy_loss / sqrt_dt^2); otherwise d_i = 1.
@@ -331,118 +354,8 @@ def grpo_step_objective(
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. The full run: SD3.5-Medium + LoRA
+# 2. The configuration: every field is a command-line flag, its default visible here
 # --------------------------------------------------------------------------------------------------
-# Heavy libraries are imported inside the functions that need them: `import flow_grpo` and the toy
-# cost only torch.
-
-
-MODEL_ALIASES = {
-    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
-    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
-    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
-}
-# The joint-attention projections of every MMDiT block. A bare "to_q" would also hit SD3.5's attn2.
-LORA_TARGETS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
-BUILTIN_PROMPTS = [
-    "a red fox curled up asleep in fresh snow",
-    "a lighthouse on a rocky cliff during a thunderstorm",
-    "a bowl of ramen with a soft-boiled egg, studio lighting",
-    "an astronaut reading a newspaper on a park bench",
-    "a watercolor painting of a quiet canal in Venice at dawn",
-    "three green apples on a wooden table",
-    "a cyberpunk street market at night, neon signs reflected in puddles",
-    "a tiny house built inside a hollow tree",
-    "an origami crane made of newspaper",
-    "a golden retriever wearing sunglasses on a surfboard",
-    "a medieval library with towering bookshelves and a spiral staircase",
-    "a glass of orange juice next to a blue mug",
-    "a snow leopard walking along a mountain ridge",
-    "an oil painting of sunflowers in a clay vase",
-    "a steam locomotive crossing a stone viaduct in autumn",
-    "a robot watering plants in a greenhouse",
-    "a close-up of a hummingbird drinking from a purple flower",
-    "a bicycle leaning against a yellow wall",
-    "a bustling harbour with fishing boats at sunrise",
-    "a cozy reading nook with a cat and a knitted blanket",
-    "a desert with a single cactus under a starry sky",
-    "a plate of sushi arranged like a chessboard",
-    "a koi pond with lily pads seen from above",
-    "a vintage red car parked in front of a diner",
-    "a pencil sketch of an old man laughing",
-    "a hot air balloon festival over green hills",
-    "an owl perched on a lantern in a misty forest",
-    "a slice of chocolate cake with raspberries",
-    "a futuristic city floating above the clouds",
-    "two pandas sharing bamboo in the rain",
-    "a wooden sailboat on a calm turquoise lake",
-    "a child building a sandcastle, photographed from low angle",
-]
-BUILTIN_EVAL_PROMPTS = [
-    "a corgi running on a beach at sunset",
-    "a teapot shaped like a pumpkin",
-    "a mountain village covered in snow at night",
-    "a portrait of a woman with freckles in soft window light",
-    "a blue butterfly resting on a white rose",
-    "a stack of pancakes with maple syrup and blueberries",
-    "an isometric illustration of a tiny island with a windmill",
-    "a black cat sitting on a stack of old books",
-]
-
-# For --reward ocr without prompt files: the text to render stands in double quotes (rewards.ocr_target).
-BUILTIN_OCR_PROMPTS = [
-    'a storefront sign that says "OPEN"',
-    'a coffee cup with the word "Monday" printed on it',
-    'a chalkboard menu that reads "Soup of the Day"',
-    'a neon sign glowing "Late Night" above a bar door',
-    'a birthday cake with "Happy 30th" written in icing',
-    'a road sign that says "STOP" at a snowy crossing',
-    'a vintage poster with the title "Moon Trip"',
-    'a T-shirt with the slogan "Stay Curious"',
-    'a wooden signpost pointing to "Beach" in the dunes',
-    'a book cover titled "The Last Orchard"',
-    'a protest banner that says "Save the Bees"',
-    'a cereal box with the brand name "Crunchos"',
-    'a license plate that reads "GRPO 42"',
-    'a street mural with the words "Hello World"',
-    'a cinema marquee showing "Now Playing"',
-    'a handwritten note on the fridge saying "Buy Milk"',
-    'a laptop sticker that says "Ship It"',
-    'a bakery window with "Fresh Bread" painted on the glass',
-    'a train station board showing "Platform 9"',
-    'a graduation cap decorated with "Class of 2025"',
-    'a welcome mat that says "Go Away"',
-    'a tin can labelled "Tomato Soup" on a shelf',
-    'a rocket with "Mars One" painted on its side',
-    'a pizza box with "Hot and Fresh" printed on the lid',
-    'a lighthouse with "North Point" written on its base',
-    'a kite shaped like a dragon with "Fly High" on its wing',
-    'a gym wall with the motto "No Excuses"',
-    'a vintage radio with the brand "Sonora" on its grille',
-    'a dog collar tag engraved "Biscuit"',
-    'a library stamp that reads "Overdue"',
-    'a sand drawing on a beach that spells "Summer"',
-    'a green exit sign that reads "EXIT"',
-]
-BUILTIN_OCR_EVAL_PROMPTS = [
-    'a hotel door hanger that says "Do Not Disturb"',
-    'a food truck with "Taco Time" on its side',
-    'a museum plaque reading "Ancient Egypt"',
-    'a skateboard deck with the word "Rebel"',
-    'a festival wristband printed "VIP Pass"',
-    'a classroom whiteboard that says "Quiz Today"',
-    'a flag waving with the word "Freedom"',
-    'a bottle label that reads "Olive Oil"',
-]
 
 
 def config_field(default, help):
@@ -527,57 +440,15 @@ class Config:
     compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
 
 
-def parse_config(argv=None, config_class=None, description=None, epilog=None):
-    """The CLI of a config dataclass: every field a flag (--group-size 8), its help from config_field. toy_2d.py
-    uses it for its own Config."""
-    import argparse
-
-    config_class = config_class or Config
-    if config_class is Config:
-        description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
-        epilog = "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)"
-    parser = argparse.ArgumentParser(description=description, epilog=epilog)
-    for f in fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        if type(f.default) is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
-        else:
-            help = f.metadata["help"] + " (default: %(default)s)"
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
-    return config_class(**vars(parser.parse_args(argv)))
+# --------------------------------------------------------------------------------------------------
+# 3. The policy: SD3.5 + LoRA (text, guided velocity, rollout, decode)
+# Heavy libraries are imported inside the functions that need them: `import flow_grpo` and the toy cost only torch.
+# --------------------------------------------------------------------------------------------------
 
 
-class UsageError(Exception):
-    """Bad input: reported as one line and exit status 2, never a traceback. every_rank: every process
-    sees the same flags, files and models, so under torchrun rank 0 alone reports it; False where
-    only this process's own data shows it (a reward on its own images)."""
-
-    def __init__(self, message, every_rank: bool = True):
-        super().__init__(message)
-        self.every_rank = every_rank
-
-
-def resolve_model(model: str) -> str:
-    """The hub id or local folder that --model names, checked without loading anything."""
-    import os
-
-    if model == "tiny":
-        return model
-    if os.path.isdir(model):
-        index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
-            raise UsageError(
-                f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)"
-            )
-        return model
-    if model in MODEL_ALIASES:
-        return MODEL_ALIASES[model]
-    if model.count("/") != 1:
-        raise UsageError(
-            f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a "
-            "local folder"
-        )
-    return model
+# The joint-attention projections of every MMDiT block. A bare "to_q" would also hit SD3.5's attn2.
+LORA_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]  # the image tokens' attention
+LORA_TARGETS += ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # the text tokens'
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
@@ -618,115 +489,13 @@ def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
     return model, lora_config
 
 
-class LinearInInputDtype(torch.nn.Linear):
-    """A LoRA factor whose weight stays fp32 (the master copy AdamW updates, the EMA and checkpoints keep)
-    but is applied in the dtype of its input: the cast is part of autograd, so the matmul and the tensors
-    saved for backward are bf16, and the cast's backward hands the weight an fp32 gradient."""
-
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
-
-
-def lora_in_base_dtype(model):
-    """Run every LoRA of a peft model in the base weights' dtype, with fp32 master weights.
-
-    peft's default (autocast_adapter_dtype) casts each LoRA layer's input to the fp32 of the LoRA weights:
-    an fp32 copy of every targeted activation, made in the forward and saved for the backward, and fp32
-    matmuls (+38 % on SD3.5-M's forward, issue 13). Here peft's input cast is switched off
-    (`cast_input_dtype_enabled`, the flag peft's `helpers.disable_input_dtype_casting` sets) and the weights
-    are cast instead. The class swap keeps the modules, their parameters and their state-dict names."""
-    from peft.tuners.lora import LoraLayer
-
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            layer.cast_input_dtype_enabled = False
-            for factor in (*layer.lora_A.values(), *layer.lora_B.values()):
-                if type(factor) is torch.nn.Linear:
-                    factor.__class__ = LinearInInputDtype
-
-
 def lora_parameters(transformer):
     return [p for p in transformer.parameters() if p.requires_grad]
-
-
-class CompileCounter:
-    """The compilations of this process from now on, counted and timed by dynamo's compile callbacks: a graph
-    traced (a first call, or a recompilation after a guard failed) or a backward compiled at its first use.
-    torch.compile is lazy, so this is how compiling is told apart from a slow first step."""
-
-    def __init__(self):
-        self.graphs, self.seconds, self.reported, self.started = 0, 0.0, 0.0, 0.0
-        torch._dynamo.callback_handler.register_start_callback(self.start)
-        torch._dynamo.callback_handler.register_end_callback(self.end)
-
-    def start(self, args=None):  # older torch calls the callbacks without arguments
-        self.started = time.perf_counter()
-
-    def end(self, args=None):
-        self.seconds += time.perf_counter() - self.started
-        if getattr(args, "callback_trigger", None) is None or args.callback_trigger.name == "DYNAMO":
-            self.graphs += 1
-
-    def record(self):
-        """For the log: the graphs compiled so far, and the seconds spent compiling since the previous record."""
-        seconds, self.reported = self.seconds - self.reported, self.seconds
-        return {"compilations": self.graphs, "seconds_compile": seconds}
-
-
-def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
-    """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
-
-    Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
-    dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
-    gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
-    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy);
-    with grad, the first block also gets its own graph when its inputs, unlike the next blocks', need no
-    gradient (guards check requires_grad). All of them are compiled in the first step (and the evaluation
-    before it); the count is logged so that a recompilation shows. Shapes are static: a run's shapes never
-    change, except the last evaluation batch when the eval prompts do not fill it, which costs one graph more,
-    at step 0.
-    nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
-    disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
-    same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
-    import torch._dynamo
-
-    if not hasattr(torch._dynamo, "callback_handler"):
-        raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
-    config = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
-    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M needs 10, the default is 8.
-    setattr(config, limit, max(getattr(config, limit), 64))
-    counter = CompileCounter()
-    for block in transformer.get_base_model().transformer_blocks:
-        block.compile(fullgraph=True, dynamic=False, backend=backend)
-    return counter
 
 
 class TextEmbeddings(NamedTuple):
     embeds: torch.Tensor  # [2B or B, tokens, dim]: negative first when CFG is on, as the pipeline
     pooled: torch.Tensor
-
-
-def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
-    """CLIP-L + CLIP-G + T5 (128 tokens) embeddings, each prompt repeated group_size times; with CFG
-    the embeddings of the negative prompt "" come first. What StableDiffusion3Pipeline itself does
-    (it encodes "" once per prompt): the reference that text_encoder_for's functions are tested against."""
-    with torch.no_grad():
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompts,
-            prompts,
-            prompts,
-            device=device,
-            num_images_per_prompt=group_size,
-            do_classifier_free_guidance=guidance_scale > 1,
-            negative_prompt="",
-            max_sequence_length=128,
-        )
-    if guidance_scale > 1:
-        return TextEmbeddings(torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]))
-    return TextEmbeddings(embeds, pooled)
 
 
 def encode_text(pipe, prompts, device) -> TextEmbeddings:
@@ -747,215 +516,6 @@ def encode_text(pipe, prompts, device) -> TextEmbeddings:
 def per_image(prompts, repeats: int = 1):
     """One prompt per image: each of `prompts` repeated `repeats` times (a group's G images)."""
     return [p for p in prompts for _ in range(repeats)]
-
-
-def images_text(rows: TextEmbeddings, index: torch.Tensor, negative) -> TextEmbeddings:
-    """Row index[i] of `rows` for image i; with CFG (negative given) the negative's copies come first."""
-    embeds, pooled = rows.embeds[index], rows.pooled[index]
-    if negative is not None:
-        n = len(index)
-        embeds = torch.cat([negative.embeds.expand(n, -1, -1), embeds])
-        pooled = torch.cat([negative.pooled.expand(n, -1), pooled])
-    return TextEmbeddings(embeds, pooled)
-
-
-def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, world: int = 1):
-    """The text of a batch: a function text_for(prompts, repeats=1) -> TextEmbeddings with one row per image
-    (prompt i repeated `repeats` times; a plain per-image list with the default repeats=1, so a batch may hold
-    several prompts with any counts). The negative prompt "" is encoded once, not once per prompt.
-
-    Live (default): the encoders stay on the device and each call encodes its distinct prompts. The official
-    `scripts/train_sd3.py`, `main()`, does the same: it encodes each sampling batch's prompts, and "" once.
-    precompute_text_embeds: every distinct prompt of all_prompts is encoded once into OUT/text_embeds on disk
-    (each process of a torchrun encodes a share), the encoders are freed, and each call reads its rows from
-    the files (TextCache): a process's memory does not grow with the number of prompts. A resumed run reuses
-    the cache without loading the encoders onto the device.
-    """
-    import gc
-
-    if not cfg.precompute_text_embeds:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(device)
-        negative = encode_text(pipe, [""], device) if cfg.guidance_scale > 1 else None
-
-        def live(prompts, repeats=1):
-            prompts = per_image(prompts, repeats)
-            row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-            index = torch.tensor([row[p] for p in prompts], device=device)
-            return images_text(encode_text(pipe, list(row), device), index, negative)
-
-        return live
-
-    folder = f"{cfg.out}/text_embeds"
-    prompts = list(dict.fromkeys(["", *all_prompts]))  # row 0: the negative prompt
-    encoder = next(e for e in (pipe.text_encoder_3, pipe.text_encoder, pipe.text_encoder_2) if e is not None)
-    fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype, prompts)
-    if not all_ranks_agree(TextCache.holds(folder, fingerprint), device, world):
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(device)
-        write_text_cache(pipe, folder, prompts, fingerprint, device, rank, world)
-    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if not TextCache.holds(folder, fingerprint):
-        raise UsageError(
-            f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
-            "--out must be on a filesystem that every process (every node) shares"
-        )
-    return TextCache(folder, prompts, device, cfg.guidance_scale > 1)
-
-
-TEXT_CACHE_VERSION = 1
-
-
-def text_cache_fingerprint(model: str, dtype: torch.dtype, prompts) -> dict:
-    """What the cached embeddings depend on: a cache with another fingerprint is rebuilt, not reused."""
-    import hashlib
-
-    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
-    return {
-        "version": TEXT_CACHE_VERSION,
-        "model": model,
-        "dtype": str(dtype),
-        "max_sequence_length": 128,
-        "rows": len(prompts),
-        "prompts_sha256": digest,
-    }
-
-
-def all_ranks_agree(flag: bool, device, world: int) -> bool:
-    """True only if flag is True on every process (all of them then take the same branch)."""
-    if world == 1:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return bool(value.item())
-
-
-def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, world: int, chunk: int = 32):
-    """Encode every prompt once into two flat files, embeds.bin [rows, tokens, dim] and pooled.bin [rows, dim]
-    in the encoders' dtype, row i = prompts[i]. Rank 0 writes row 0 (the negative "", encoded alone); rows
-    1.. go in chunks of `chunk` prompts, process r of `world` encoding chunks r, r + world, ... and writing
-    them in place. index.json, written last, marks the folder complete; it is built under a temporary name
-    and renamed, so a killed run never leaves a cache that looks whole."""
-    import json
-    import os
-    import shutil
-
-    from diffusers.utils import logging as diffusers_logging
-    from tqdm import tqdm
-
-    tmp = f"{folder}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-    if rank == 0:  # a stale cache (other prompts or model) or a half-written one is of no use: free its space
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
-    barrier(world)
-    probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
-    shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
-    row_bytes = {k: math.prod(s) * probe.embeds.element_size() for k, s in shapes.items()}
-    needed = len(prompts) * sum(row_bytes.values())
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
-    if free < needed:  # every process sees the same disk, so all of them stop here: no one waits at a barrier
-        raise UsageError(
-            f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
-            f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
-            "choose another --out"
-        )
-    if rank == 0:
-        os.makedirs(tmp)
-        for name in shapes:
-            open(f"{tmp}/{name}.bin", "wb").close()
-    barrier(world)
-    verbosity = diffusers_logging.get_verbosity()
-    # CLIP keeps 77 tokens of each prompt (as in every SD3 run); diffusers would say so for every chunk of the
-    # official set's long prompts, thousands of warnings.
-    diffusers_logging.set_verbosity_error()
-    try:
-
-        def put(start, text):
-            for name, value in zip(shapes, text):
-                with open(f"{tmp}/{name}.bin", "r+b") as f:
-                    f.seek(start * row_bytes[name])
-                    f.write(value.cpu().contiguous().view(-1).view(torch.uint8).numpy())
-
-        if rank == 0:
-            put(0, probe)
-        starts = range(1 + rank * chunk, len(prompts), world * chunk)
-        for start in tqdm(starts, desc=f"encoding {len(prompts)} prompts", leave=False, disable=rank != 0):
-            put(start, encode_text(pipe, prompts[start : start + chunk], device))
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    barrier(world)
-    if rank == 0:
-        with open(f"{tmp}/index.json", "w") as f:
-            json.dump({"fingerprint": fingerprint, "dtype": str(probe.embeds.dtype), "shapes": shapes}, f, indent=1)
-        os.replace(tmp, folder)
-    barrier(world)
-
-
-def barrier(world: int):
-    if world > 1:
-        torch.distributed.barrier()
-
-
-class TextCache:
-    """Text embeddings read row by row from the files write_text_cache wrote. In memory: the prompt -> row
-    index and the negative prompt's embeddings (with CFG), nothing per prompt; the rows read for a batch live
-    as long as the batch. Each prompt's row is the same bits whatever batch it is read in."""
-
-    def __init__(self, folder, prompts, device, guidance: bool):
-        import json
-
-        with open(f"{folder}/index.json") as f:
-            index = json.load(f)
-        self.dtype = getattr(torch, index["dtype"].removeprefix("torch."))
-        self.shapes = index["shapes"]
-        self.row_bytes = {k: math.prod(s) * self.dtype.itemsize for k, s in self.shapes.items()}
-        self.folder = folder
-        self.row = {p: i for i, p in enumerate(prompts)}
-        self.device = device
-        self.negative = self.read([0]) if guidance else None  # row 0 is ""
-
-    @staticmethod
-    def holds(folder, fingerprint) -> bool:
-        import json
-
-        try:
-            with open(f"{folder}/index.json") as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            return False
-        return index.get("fingerprint") == fingerprint
-
-    def read(self, rows) -> TextEmbeddings:
-        """The embeddings of the given rows, [len(rows), ...] on the device."""
-        out = []
-        for name, shape in self.shapes.items():
-            value = torch.empty(len(rows), *shape, dtype=self.dtype)
-            buffer = memoryview(value.view(-1).view(torch.uint8).numpy())
-            size = self.row_bytes[name]
-            # Plain reads into a fresh tensor, not a memory map: mapped pages would count in the process's
-            # memory and grow with the number of prompts a long run touches.
-            with open(f"{self.folder}/{name}.bin", "rb", buffering=0) as f:
-                for i, row in enumerate(rows):
-                    f.seek(row * size)
-                    if f.readinto(buffer[i * size : (i + 1) * size]) != size:
-                        raise OSError(f"text cache file {f.name} is truncated: delete {self.folder} to rebuild it")
-            out.append(value.to(self.device))
-        return TextEmbeddings(*out)
-
-    def __call__(self, prompts, repeats: int = 1) -> TextEmbeddings:
-        prompts = per_image(prompts, repeats)
-        distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        missing = [p for p in distinct if p not in self.row]
-        if missing:
-            raise KeyError(f"prompt not in the text cache: {missing[0]!r}")
-        index = torch.tensor([distinct[p] for p in prompts], device=self.device)
-        return images_text(self.read([self.row[p] for p in distinct]), index, self.negative)
 
 
 def guided_velocity(transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
@@ -994,6 +554,11 @@ def sample(
     return rollout(velocity, latents.float(), sigmas, noise_levels, step_fn, generator)
 
 
+def latent_shape(pipe, cfg: Config):
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return (pipe.transformer.config.in_channels, cfg.resolution // scale, cfg.resolution // scale)
+
+
 def decode_images(pipe, latents):
     """Final latents -> list of PIL images (uint8: round(255 x), clamped), as the reward models take them."""
     from PIL import Image
@@ -1003,6 +568,11 @@ def decode_images(pipe, latents):
         images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float()
     pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Training: one step at scale, then train(), the paper's Algorithm 1
+# --------------------------------------------------------------------------------------------------
 
 
 def sde_and_trained_steps(cfg: Config, generator):
@@ -1021,78 +591,6 @@ def sde_and_trained_steps(cfg: Config, generator):
     return list(range(cfg.num_steps)), list(range(int(cfg.num_steps * cfg.train_fraction)))
 
 
-def ema_update(ema_params, params, optimizer_step: int):
-    """EMA of the LoRA weights with the official warm-up decay min((1 + k) / (10 + k), 0.9)."""
-    decay = min((1 + optimizer_step) / (10 + optimizer_step), 0.9)
-    with torch.no_grad():
-        for ema, p in zip(ema_params, params):
-            ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-
-class swap_in:
-    """Temporarily load other values (the EMA) into the LoRA parameters."""
-
-    def __init__(self, params, values):
-        self.params, self.values = params, values
-
-    def __enter__(self):
-        self.saved = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, v in zip(self.params, self.values):
-                p.copy_(v)
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for p, v in zip(self.params, self.saved):
-                p.copy_(v)
-
-
-def save_lora(transformer, lora_config, folder):
-    """The LoRA in diffusers' format: StableDiffusion3Pipeline.load_lora_weights(folder) loads it."""
-    from diffusers import StableDiffusion3Pipeline
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(transformer)
-    state = {k.removeprefix("base_model.model."): v.detach().cpu().contiguous() for k, v in state.items()}
-    # Without the adapter metadata diffusers would scale by 1 instead of alpha / r.
-    StableDiffusion3Pipeline.save_lora_weights(
-        folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config.to_dict()
-    )
-
-
-def read_prompts(path: str, builtin):
-    if not path:
-        return list(builtin)
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(
-            f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}"
-        ) from None
-    if not prompts:
-        raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
-    return prompts
-
-
-def read_prompt_sets(cfg: Config):
-    """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones when the
-    reward names ocr. With ocr every prompt must quote its text: checked here, before any work."""
-    import rewards
-
-    ocr = "ocr" in [item.partition("=")[0].strip() for item in cfg.reward.split(",")]
-    prompts = read_prompts(cfg.prompts, BUILTIN_OCR_PROMPTS if ocr else BUILTIN_PROMPTS)
-    eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if ocr else BUILTIN_EVAL_PROMPTS)
-    if ocr:
-        for path, chosen in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
-            for prompt in chosen:
-                try:
-                    rewards.ocr_target(prompt)
-                except ValueError as error:
-                    raise UsageError(f"{error} (in {path or 'the built-in prompts'})") from None
-    return prompts, eval_prompts
-
-
 def prompts_for_step(prompts, count: int, step: int, seed: int):
     """The count prompts of a step in an endless stream of seeded shuffles of the prompt list. A pure
     function of (step, seed): a resumed run continues exactly where it stopped."""
@@ -1104,45 +602,6 @@ def prompts_for_step(prompts, count: int, step: int, seed: int):
             orders[epoch] = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
         chosen.append(prompts[int(orders[epoch][index])])
     return chosen
-
-
-def seeded(*keys) -> torch.Generator:
-    """A CPU generator for one purpose (rollout noise of a step on a rank, ...): hash of int keys is stable."""
-    return torch.Generator().manual_seed(hash(keys) % 2**63)
-
-
-class Distributed(NamedTuple):
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def setup_distributed() -> Distributed:
-    """Under torchrun: one process per GPU (NCCL), or per CPU process (gloo). Otherwise one process."""
-    import os
-
-    if "RANK" not in os.environ:
-        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl")
-        return Distributed(rank, world, torch.device("cuda", local_rank))
-    torch.distributed.init_process_group("gloo")
-    return Distributed(rank, world, torch.device("cpu"))
-
-
-def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
-    if dist.world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.world)]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 def prompt_groups(image_prompts) -> torch.Tensor:
@@ -1195,6 +654,17 @@ class RolloutBatch(NamedTuple):
     trajectory: Trajectory
 
 
+def score_batches(pipe, reward_fn, batches, dist: Distributed) -> dict:
+    """Each reward component of every image of the step (all ranks, in rank order): decode the final latents
+    and score them, one batched reward call per rollout batch."""
+    scores = {}
+    for batch in progress(batches, "reward", dist):
+        images = decode_images(pipe, batch.trajectory.latents[:, -1])
+        for name, value in score(reward_fn, images, batch.prompts).items():
+            scores.setdefault(name, []).append(value)
+    return {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
+
+
 def step_loss(
     transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config
 ):
@@ -1237,31 +707,6 @@ def step_loss(
     return objective.loss, parts, objective.ratio
 
 
-def make_optimizer(params, cfg: Config):
-    """AdamW with the official settings (`config/base.py`: betas (0.9, 0.999), eps 1e-8), constant learning rate."""
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
-
-
-def grad_scaler(dtype, device):
-    """Dynamic loss scaling for fp16 base weights (as the official fp16 runs, through accelerate's GradScaler):
-    the gradient at the transformer's output is ~|A| / (std B D), which underflows fp16 without it."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-
-def sum_gradients(params, dist: Distributed):
-    """Data parallelism by hand: one all-reduce (sum) of the flattened LoRA gradients per optimizer step. The
-    losses are already divided by the sample count of all ranks (loss_weights), so the sum is the mean.
-    (DDP's wrapper adds nothing here but hooks that fight with disable_adapter and accumulation.)"""
-    if dist.world == 1:
-        return
-    grads = torch.cat([p.grad.flatten() for p in params])
-    torch.distributed.all_reduce(grads)
-    offset = 0
-    for p in params:
-        p.grad.copy_(grads[offset : offset + p.numel()].view_as(p))
-        offset += p.numel()
-
-
 def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm: float) -> str:
     """All-reduce, unscale, clip and apply the accumulated gradient. Returns "applied"; "nonfinite" when the
     gradient is NaN/inf and nothing was applied; or, with fp16 loss scaling, "overflow": the scaler skipped the
@@ -1279,6 +724,365 @@ def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm
         outcome = "applied" if finite else "nonfinite"
     optimizer.zero_grad(set_to_none=False)
     return outcome
+
+
+class StepStats:
+    """What the updates of one step measured, for its log record: the objective's parts of every trained
+    (batch, denoising step), the first ratio's distance from 1 (0 before any update: on-policy), and the
+    updates that were skipped."""
+
+    def __init__(self):
+        self.parts = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
+        self.first_ratio_error = None
+        self.nonfinite_updates = self.overflow_updates = 0
+        self.losses_finite = True  # of the gradient being accumulated
+
+    def add(self, parts: dict, ratio: torch.Tensor):
+        if self.first_ratio_error is None:
+            self.first_ratio_error = (ratio - 1).abs().max().item()
+        for name, value in parts.items():
+            self.parts[name].append(value)
+        self.losses_finite = self.losses_finite and math.isfinite(parts["loss"])
+
+    def means(self) -> dict:
+        return {name: sum(v) / len(v) if v else 0.0 for name, v in self.parts.items()}
+
+
+def update_policy(learner: Learner, stats: StepStats, cfg: Config, dist: Distributed, step: int):
+    """One optimizer step on the accumulated gradient (optimizer_update: all-reduce, unscale, clip, AdamW), the
+    EMA every ema_every applied steps, and the guard: a non-finite update is skipped and counted, and
+    MAX_NONFINITE_IN_A_ROW of them in a row stop the run. An fp16 overflow (the loss scaler skipped the step and
+    lowered its scale) is how dynamic loss scaling works, counted apart."""
+    outcome = optimizer_update(learner.params, learner.optimizer, learner.scaler, dist, cfg.max_grad_norm)
+    if outcome == "applied":
+        learner.optimizer_step += 1
+        learner.nonfinite_in_a_row = 0
+        if learner.optimizer_step % cfg.ema_every == 0:
+            ema_update(learner.ema_params, learner.params, learner.optimizer_step)
+    elif outcome == "overflow" and stats.losses_finite:
+        stats.overflow_updates += 1
+    else:
+        stats.nonfinite_updates += 1
+        learner.nonfinite_in_a_row += 1
+        print(f"warning: step {step}: non-finite loss or gradient, update skipped", flush=True)
+        if learner.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            raise TrainingDiverged(
+                f"{learner.nonfinite_in_a_row} non-finite updates in a row at step {step}: lower --lr or "
+                f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints"
+            )
+    stats.losses_finite = True
+
+
+def step_record(step: int, learner: Learner, scores, advantages, image_prompts, stats: StepStats, seconds) -> dict:
+    """The step's line of metrics.jsonl: rewards (mean and std of each component over all ranks), the share of
+    constant groups, the objective's parts, the on-policy check, the skipped updates, and the seconds per phase."""
+    record = {"step": step, "optimizer_steps": learner.optimizer_step, "skipped_update": not bool(advantages.any())}
+    for name, value in scores.items():
+        record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
+    record["zero_std_group_ratio"] = constant_group_fraction(advantages, image_prompts)
+    record.update(stats.means())
+    record["first_ratio_error"] = stats.first_ratio_error
+    record["nonfinite_updates"] = stats.nonfinite_updates
+    if learner.scaler.is_enabled():
+        record["fp16_overflow_updates"], record["loss_scale"] = stats.overflow_updates, learner.scaler.get_scale()
+    record.update({f"seconds_{k}": v for k, v in seconds.items()})
+    return record
+
+
+def holding_the_output_lock(train_fn):
+    """Release --out's lock (unlock_output_folder) when train() ends, also by an exception, so that a later run in
+    the same process (a notebook, the tests) can take the folder."""
+
+    @functools.wraps(train_fn)
+    def run(cfg, *args, **kwargs):
+        try:
+            return train_fn(cfg, *args, **kwargs)
+        finally:
+            unlock_output_folder(cfg.out)
+
+    return run
+
+
+@holding_the_output_lock
+def train(cfg: Config):
+    """Flow-GRPO, the paper's Algorithm 1. Each step: 1. sample a group of G images for each prompt with the SDE,
+    keeping every x_j and log pi_old(x_{j+1} | x_j); 2. score the final images; 3. group-relative advantages
+    (Eq. 4); 4. clipped policy-gradient steps with beta * KL to pi_ref (Eq. 5-6, 10); 5. log, evaluate, save."""
+    dist = setup_distributed()
+    run = start_run(cfg, dist)  # checks, run folder, reward model, SD3 + LoRA, AdamW, resume (plumbing, below)
+    pipe, transformer, learner = run.pipe, run.transformer, run.learner
+    step_fn = sde_step if cfg.sde_type == "sde" else cps_step
+    sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)  # sigmas[0] = 1 (noise) ... sigmas[T] = 0
+    images_per_rank = cfg.groups_per_step * cfg.group_size // dist.world
+    num_batches = images_per_rank // cfg.batch_size
+    chunks = update_chunks(num_batches, cfg.updates_per_step)  # the rollout batches of each optimizer step
+    if run.start_step == 0:  # the base model, for comparison (printed only: metrics.jsonl has one line per step)
+        base = evaluate_policy(run, cfg, dist, 0)
+        if dist.main:
+            print(f"step 0 | eval reward {base['eval_reward']:.5g}", flush=True)
+    for step in range(run.start_step, cfg.max_steps):
+        watch = Stopwatch(dist.device)
+        sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same on every rank
+        noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
+        # G images per prompt, prompt after prompt; each rank takes a contiguous share, so a group may span
+        # batches and ranks (the official recipe spreads a group of 24 over GPUs).
+        image_prompts = per_image(prompts_for_step(run.prompts, cfg.groups_per_step, step, cfg.seed), cfg.group_size)
+        my_prompts = image_prompts[dist.rank * images_per_rank : (dist.rank + 1) * images_per_rank]
+
+        # 1. Rollout: G images per prompt with the SDE, recording x_j and log pi_old at every step j.
+        batches = []
+        for b in progress(range(num_batches), f"step {step + 1} rollout", dist):
+            batch_prompts = my_prompts[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            text = run.text_for(batch_prompts, 1)
+            # Seeded by the batch's place in the step, not by the rank: any process count draws the same images.
+            generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
+            noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
+            trajectory = sample(
+                transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator
+            )
+            batches.append(RolloutBatch(batch_prompts, text, trajectory))  # latents [B, T+1, C, H, W]
+        watch.lap("rollout")
+
+        # 2. Reward of each final image.
+        scores = score_batches(pipe, run.reward_fn, batches, dist)  # {component: [all images of the step]}
+        watch.lap("reward")
+
+        # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
+        advantages = step_advantages(scores["reward"], image_prompts, cfg)  # [all images of the step]
+        weights = loss_weights(advantages, chunks, len(trained_steps), dist.world, cfg.batch_size)  # [world, n, B]
+        my_advantages = advantages.view(dist.world, num_batches, cfg.batch_size)[dist.rank].to(dist.device)
+        my_weights = weights[dist.rank].to(dist.device)
+
+        # 4. Policy update (Eq. 5-6, 10) on the rollout's own batches, so the first forward reproduces the
+        #    rollout's exactly (ratio 1); each optimizer step accumulates whole trajectories.
+        stats = StepStats()
+        for chunk in chunks:
+            if not weights[:, chunk].any():
+                continue  # no informative sample on any rank: no optimizer step
+            informative = [b for b in chunk if my_weights[b].any()]  # the others' gradient would be 0
+            for b, j in progress(itertools.product(informative, trained_steps), f"step {step + 1} train", dist):
+                loss, parts, ratio = step_loss(
+                    transformer,
+                    batches[b],
+                    j,
+                    my_advantages[b],
+                    my_weights[b],
+                    sigmas,
+                    timesteps,
+                    noise_levels,
+                    step_fn,
+                    cfg,
+                )
+                learner.scaler.scale(loss).backward()
+                stats.add(parts, ratio)
+            update_policy(learner, stats, cfg, dist, step + 1)
+        watch.lap("train")
+
+        # 5. Log, evaluate (the EMA, 40-step ODE), save.
+        record = step_record(step + 1, learner, scores, advantages, image_prompts, stats, watch.seconds)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
+            record.update(evaluate_policy(run, cfg, dist, step + 1))
+        end_step(record, run, cfg, dist)
+    return finish_run(run, cfg, dist)
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Plumbing, out of the reader's path
+# --------------------------------------------------------------------------------------------------
+
+
+# Setting up, ending a step, ending the run -------------------------------------------------------
+
+
+class Run(NamedTuple):
+    """What train() works with, built by start_run."""
+
+    pipe: object
+    transformer: torch.nn.Module  # the LoRA-wrapped transformer
+    lora_config: object
+    learner: Learner
+    reward_fn: object
+    text_for: object  # text_for(prompts, repeats) -> TextEmbeddings, one row per image
+    prompts: list
+    eval_prompts: list
+    start_step: int
+    compiles: object  # CompileCounter with --compile, else None
+
+
+@dataclass
+class Learner:
+    """The LoRA parameters theta and what updates them: AdamW, the fp16 loss scaler, the EMA copy, and the
+    counts that survive a step (optimizer steps taken, non-finite updates in a row)."""
+
+    params: list
+    ema_params: list
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    optimizer_step: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+def start_run(cfg: Config, dist: Distributed) -> Run:
+    """Everything before the first step, in the order that fails cheapest first: the flags, the prompts, the
+    run folder, the reward model, then SD3 (text encoders first: with precompute_text_embeds they leave before
+    the transformer arrives), the LoRA, AdamW, and the checkpoint to resume from."""
+    import rewards
+
+    check_config(cfg, dist)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
+    )
+    prompts, eval_prompts = read_prompt_sets(cfg)
+    check_output_folder(cfg, lock=dist.main)
+    if dist.world > 1:
+        torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+    try:
+        reward_fn = rewards.load_reward(
+            cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir)
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    pipe = load_pipeline(cfg.model, dtype)
+    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device, dist.rank, dist.world)
+    pipe.to(dist.device)
+    pipe.vae.to(torch.float32)  # decode in fp32, as the official `scripts/train_sd3.py`, `main()`
+    pipe.set_progress_bar_config(disable=True)
+    check_resolution(pipe, cfg)
+    if cfg.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    transformer, lora_config = add_lora(pipe.transformer, cfg)
+    compiles = compile_blocks(transformer) if cfg.compile else None
+    params = lora_parameters(transformer)
+    learner = Learner(
+        params, [p.detach().clone() for p in params], make_optimizer(params, cfg), grad_scaler(dtype, dist.device)
+    )
+    start_step = 0
+    if cfg.resume:
+        start_step, learner.optimizer_step = resume_checkpoint(
+            cfg.out, params, learner.ema_params, learner.optimizer, dist.main, learner.scaler
+        )
+    if dist.main:
+        write_run_files(cfg, start_step)
+    for p in params:  # a rank with nothing to train in an update still takes part in the all-reduce
+        p.grad = torch.zeros_like(p)
+    return Run(
+        pipe, transformer, lora_config, learner, reward_fn, text_for, prompts, eval_prompts, start_step, compiles
+    )
+
+
+def make_optimizer(params, cfg: Config):
+    """AdamW with the official settings (`config/base.py`: betas (0.9, 0.999), eps 1e-8), constant learning rate."""
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+
+
+def grad_scaler(dtype, device):
+    """Dynamic loss scaling for fp16 base weights (as the official fp16 runs, through accelerate's GradScaler):
+    the gradient at the transformer's output is ~|A| / (std B D), which underflows fp16 without it."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+class Stopwatch:
+    """Seconds per phase: lap(name) records the time since the previous lap (or the start)."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+        self.last = clock(device)
+
+    def lap(self, name: str):
+        now = clock(self.device)
+        self.seconds[name], self.last = now - self.last, now
+
+
+def seeded(*keys) -> torch.Generator:
+    """A CPU generator for one purpose (rollout noise of a step on a rank, ...): hash of int keys is stable."""
+    return torch.Generator().manual_seed(hash(keys) % 2**63)
+
+
+def evaluate_policy(run: Run, cfg: Config, dist: Distributed, step: int) -> dict:
+    """evaluate() with the EMA of the LoRA weights loaded (with --ema, the default), else the weights as they are."""
+    learner = run.learner
+    with swap_in(learner.params, learner.ema_params if cfg.ema else learner.params):
+        return evaluate(run.pipe, run.transformer, cfg, dist, run.reward_fn, run.eval_prompts, run.text_for, step)
+
+
+def end_step(record: dict, run: Run, cfg: Config, dist: Distributed):
+    """The end of a step: GPU memory and compile counts into its record, the record into metrics.jsonl (rank 0),
+    curves.png redrawn after an evaluation, the printed line, and a checkpoint every save_every steps."""
+    step = record["step"]
+    record.update(gpu_memory(dist.device))
+    if run.compiles:  # the phases' seconds include compiling
+        record.update(run.compiles.record())
+    if not dist.main:
+        return
+    with open(f"{cfg.out}/metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if "eval_reward" in record:
+        write_curves([cfg.out], f"{cfg.out}/curves.png")
+    if run.compiles and record["seconds_compile"]:  # once, unless something recompiles
+        where = f"step {step}" + (" and the evaluation at step 0" if step == 1 else "")
+        print(
+            f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
+            f" {record['compilations']} graphs so far",
+            flush=True,
+        )
+    evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
+    seconds = record["seconds_rollout"] + record["seconds_reward"] + record["seconds_train"]
+    print(
+        f"step {step} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
+        f" | clip {record['clip_fraction']:.2f} | {seconds:.1f}s{evaluated}",
+        flush=True,
+    )
+    if step % cfg.save_every == 0 or step == cfg.max_steps:
+        learner = run.learner
+        save_checkpoint(
+            cfg,
+            step,
+            learner.optimizer_step,
+            learner.params,
+            learner.ema_params,
+            learner.optimizer,
+            run.transformer,
+            run.lora_config,
+            learner.scaler,
+        )
+
+
+def progress(iterable, desc: str, dist: Distributed):
+    """A progress bar on rank 0 that disappears when done: the printed lines stay one per step."""
+    from tqdm import tqdm
+
+    return tqdm(list(iterable), desc=desc, leave=False, disable=not dist.main)
+
+
+def finish_run(run: Run, cfg: Config, dist: Distributed) -> TrainedRun:
+    """The run's last line (effect_size) and the final LoRA (the EMA with --ema) in diffusers' format in OUT/lora."""
+    learner = run.learner
+    if dist.main:
+        print(effect_size_line(read_metrics(cfg.out)), flush=True)
+        with swap_in(learner.params, learner.ema_params if cfg.ema else learner.params):
+            save_lora(run.transformer, run.lora_config, f"{cfg.out}/lora")
+    return TrainedRun(run.pipe, run.transformer, learner.params, learner.ema_params)
+
+
+class TrainedRun(NamedTuple):
+    pipe: object
+    transformer: torch.nn.Module  # the LoRA-wrapped transformer
+    params: list  # the LoRA parameters
+    ema_params: list
+
+
+# Validation: every flag and input checked before any work ----------------------------------------
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line and exit status 2, never a traceback. every_rank: every process
+    sees the same flags, files and models, so under torchrun rank 0 alone reports it; False where
+    only this process's own data shows it (a reward on its own images)."""
+
+    def __init__(self, message, every_rank: bool = True):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def check_flags(cfg: Config):
@@ -1378,6 +1182,45 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
 
 
+MODEL_ALIASES = {
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+}
+
+
+def resolve_model(model: str) -> str:
+    """The hub id or local folder that --model names, checked without loading anything."""
+
+    if model == "tiny":
+        return model
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+            raise UsageError(
+                f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)"
+            )
+        return model
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]
+    if model.count("/") != 1:
+        raise UsageError(
+            f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a "
+            "local folder"
+        )
+    return model
+
+
+def check_resolution(pipe, cfg: Config):
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    patch = pipe.transformer.config.patch_size
+    largest = pipe.transformer.config.pos_embed_max_size * patch * scale
+    if cfg.resolution % (scale * patch) or cfg.resolution > largest:
+        raise UsageError(
+            f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px"
+        )
+
+
 def reward_model_dirs(spec: str):
     dirs = {}
     for item in filter(None, spec.split(",")):
@@ -1388,6 +1231,39 @@ def reward_model_dirs(spec: str):
     return dirs
 
 
+def read_prompts(path: str, builtin):
+    if not path:
+        return list(builtin)
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(
+            f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}"
+        ) from None
+    if not prompts:
+        raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
+    return prompts
+
+
+def read_prompt_sets(cfg: Config):
+    """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones when the
+    reward names ocr. With ocr every prompt must quote its text: checked here, before any work."""
+    import rewards
+
+    ocr = "ocr" in [item.partition("=")[0].strip() for item in cfg.reward.split(",")]
+    prompts = read_prompts(cfg.prompts, BUILTIN_OCR_PROMPTS if ocr else BUILTIN_PROMPTS)
+    eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if ocr else BUILTIN_EVAL_PROMPTS)
+    if ocr:
+        for path, chosen in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
+            for prompt in chosen:
+                try:
+                    rewards.ocr_target(prompt)
+                except ValueError as error:
+                    raise UsageError(f"{error} (in {path or 'the built-in prompts'})") from None
+    return prompts, eval_prompts
+
+
 def score(reward_fn, images, prompts):
     try:
         return reward_fn(images, prompts)
@@ -1395,60 +1271,14 @@ def score(reward_fn, images, prompts):
         raise UsageError(str(error), every_rank=False) from None
 
 
-def save_image_grid(images, prompts, path, columns=4):
-    """A PNG of images with their prompts underneath, for a person to look at."""
-    import textwrap
-
-    from PIL import Image, ImageDraw
-
-    side = max(256, images[0].width)
-    caption = 48
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
-        x, y = (i % columns) * side, (i // columns) * (side + caption)
-        grid.paste(image.resize((side, side)), (x, y))
-        draw.multiline_text((x + 4, y + side + 2), "\n".join(textwrap.wrap(prompt, side // 7)[:3]), fill="black")
-    grid.save(path)
+MAX_NONFINITE_IN_A_ROW = 3
 
 
-def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_prompts, text_for, step: int):
-    """The paper's evaluation: a 40-step ODE (a = 0) with CFG on held-out prompts, one image each,
-    prompts split over the ranks. Returns the mean of every reward component over all ranks."""
-    from tqdm import tqdm
-
-    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, dist.device)
-    mine = eval_prompts[dist.rank :: dist.world]
-    names = list(reward_fn.names) + ["reward"]
-    images, scores = [], []
-    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="eval", leave=False, disable=not dist.main):
-        prompts = mine[start : start + cfg.batch_size]
-        noise = torch.randn(len(prompts), *latent_shape(pipe, cfg), generator=seeded(cfg.seed, -1, dist.rank, start))
-        out = sample(
-            transformer,
-            text_for(prompts, 1),
-            noise.to(dist.device),
-            sigmas,
-            timesteps,
-            cfg.guidance_scale,
-            [0.0] * cfg.eval_num_steps,
-        )
-        batch_images = decode_images(pipe, out.latents[:, -1])
-        images += batch_images
-        result = score(reward_fn, batch_images, prompts)
-        scores.append(torch.stack([result[name] for name in names], dim=1))
-    scores = torch.cat(scores) if scores else torch.zeros(0, len(names))
-    counts = all_gather(torch.tensor([float(len(scores))], device=dist.device), dist)
-    totals = all_gather(scores.sum(0, keepdim=True).to(dist.device), dist).sum(0)
-    if dist.main and images:
-        save_image_grid(images, mine, f"{cfg.out}/eval_{step:05d}.png")
-    return {f"eval_{name}": (totals[i] / counts.sum()).item() for i, name in enumerate(names)}
+class TrainingDiverged(Exception):
+    """Too many non-finite updates in a row: stop rather than train on garbage."""
 
 
-def latent_shape(pipe, cfg: Config):
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return (pipe.transformer.config.in_channels, cfg.resolution // scale, cfg.resolution // scale)
+# The run folder ----------------------------------------------------------------------------------
 
 
 _FOLDER_LOCKS = {}  # real path of an --out this process runs in -> descriptor holding its lock
@@ -1458,7 +1288,6 @@ def lock_output_folder(out: str):
     """An exclusive flock on the --out folder itself (no lock file is written), held for the run, so a
     second run on the same folder is refused instead of writing into it. The kernel drops the lock when
     the process ends, however it ends: a killed run never leaves a stale lock behind."""
-    import os
 
     try:
         import fcntl
@@ -1479,286 +1308,10 @@ def lock_output_folder(out: str):
     _FOLDER_LOCKS[os.path.realpath(out)] = fd
 
 
-def holding_the_output_lock(train_fn):
-    """Release --out's lock when train() ends, also by an exception, so that a later run in the same
-    process (a notebook, the tests) can take the folder."""
-    import functools
-    import os
-
-    @functools.wraps(train_fn)
-    def run(cfg, *args, **kwargs):
-        try:
-            return train_fn(cfg, *args, **kwargs)
-        finally:
-            fd = _FOLDER_LOCKS.pop(os.path.realpath(cfg.out), None)
-            if fd is not None:
-                os.close(fd)
-
-    return run
-
-
-@holding_the_output_lock
-def train(cfg: Config):
-    """Flow-GRPO (paper Algorithm 1): sample groups with the SDE, score them, compute group-relative
-    advantages, and take clipped policy-gradient steps with a KL to the frozen model."""
-    import json
-
-    from tqdm import tqdm
-
-    import rewards
-
-    dist = setup_distributed()
-    check_config(cfg, dist)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
-    )
-    prompts, eval_prompts = read_prompt_sets(cfg)
-    check_output_folder(cfg, lock=dist.main)
-    if dist.world > 1:
-        torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
-    try:
-        reward_fn = rewards.load_reward(
-            cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir)
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-    pipe = load_pipeline(cfg.model, dtype)
-    # Text first: with precompute_text_embeds the encoders leave before the transformer arrives.
-    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device, dist.rank, dist.world)
-    pipe.to(dist.device)
-    pipe.vae.to(torch.float32)  # decode in fp32, as the official `scripts/train_sd3.py`, `main()`
-    pipe.set_progress_bar_config(disable=True)
-    check_resolution(pipe, cfg)
-    if cfg.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    transformer, lora_config = add_lora(pipe.transformer, cfg)
-    compiles = compile_blocks(transformer) if cfg.compile else None
-    params = lora_parameters(transformer)
-    optimizer = make_optimizer(params, cfg)
-    scaler = grad_scaler(dtype, dist.device)
-    ema_params = [p.detach().clone() for p in params]
-    step_fn = sde_step if cfg.sde_type == "sde" else cps_step
-    start_step, optimizer_step = 0, 0
-    if cfg.resume:
-        start_step, optimizer_step = resume_checkpoint(cfg.out, params, ema_params, optimizer, dist.main, scaler)
-    if dist.main:
-        write_run_files(cfg, start_step)
-
-    def log(record):
-        if dist.main:
-            with open(f"{cfg.out}/metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def run_eval(step):
-        with swap_in(params, ema_params if cfg.ema else params):
-            return evaluate(pipe, transformer, cfg, dist, reward_fn, eval_prompts, text_for, step)
-
-    images_per_rank = cfg.groups_per_step * cfg.group_size // dist.world
-    num_batches = images_per_rank // cfg.batch_size
-    chunks = update_chunks(num_batches, cfg.updates_per_step)
-    sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)
-    for p in params:  # a rank with nothing to train in an update still takes part in the all-reduce
-        p.grad = torch.zeros_like(p)
-    nonfinite_in_a_row = 0
-    if start_step == 0:
-        eval_metrics = run_eval(0)
-        if dist.main:
-            print(f"step 0 | eval reward {eval_metrics['eval_reward']:.5g}", flush=True)
-    for step in range(start_step, cfg.max_steps):
-        timer = {}
-        started = clock(dist.device)
-        sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same window on every rank
-        noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
-        # G images per prompt, prompt after prompt; each rank takes a contiguous slice, so a group may
-        # span batches and ranks (the official recipe spreads a group of 24 over GPUs).
-        image_prompts = [
-            p for p in prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed) for _ in range(cfg.group_size)
-        ]
-        my_prompts = image_prompts[dist.rank * images_per_rank : (dist.rank + 1) * images_per_rank]
-
-        # 1. Rollout: G images per prompt with the SDE, recording x_t and log pi_old at every step.
-        batches = []
-        for b in tqdm(range(num_batches), desc=f"step {step + 1} rollout", leave=False, disable=not dist.main):
-            batch_prompts = my_prompts[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            text = text_for(batch_prompts, 1)
-            # Noise seeded by the batch's place in the step, not by the rank: any number of processes
-            # draws the same images.
-            generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
-            noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
-            trajectory = sample(
-                transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator
-            )
-            batches.append(RolloutBatch(batch_prompts, text, trajectory))
-        timer["rollout"] = clock(dist.device) - started
-
-        # 2. Reward of each final image, one batched call per rollout batch.
-        started = clock(dist.device)
-        scores = {}
-        for batch in tqdm(batches, desc=f"step {step + 1} reward", leave=False, disable=not dist.main):
-            images = decode_images(pipe, batch.trajectory.latents[:, -1])
-            for name, value in score(reward_fn, images, batch.prompts).items():
-                scores.setdefault(name, []).append(value)
-        scores = {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
-        timer["reward"] = clock(dist.device) - started
-
-        # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
-        started = clock(dist.device)
-        advantages = step_advantages(scores["reward"], image_prompts, cfg)  # [all images of the step]
-        weights = loss_weights(advantages, chunks, len(trained_steps), dist.world, cfg.batch_size)
-        mine = advantages.view(dist.world, num_batches, cfg.batch_size)[dist.rank].to(dist.device)
-        my_weights = weights[dist.rank].to(dist.device)  # [batches, B]
-        skip = not bool(weights.any())  # every group constant: nothing to learn
-
-        # 4. Policy update (Eq. 5-6, 10) on the rollout's own batches, so the first forward reproduces
-        #    the rollout's exactly (ratio 1); updates_per_step optimizer steps, each on whole trajectories.
-        stats = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
-        first_ratio_error = None
-        nonfinite_updates = overflow_updates = 0
-        progress = tqdm(
-            total=0 if skip else num_batches * len(trained_steps),
-            desc=f"step {step + 1} train",
-            leave=False,
-            disable=not dist.main,
-        )
-        for chunk in [] if skip else chunks:
-            if not weights[:, chunk].any():
-                continue  # no informative sample on any rank: no optimizer step
-            losses_finite = True
-            for b in chunk:
-                if not my_weights[b].any():
-                    progress.update(len(trained_steps))
-                    continue  # nothing to learn from this batch (its gradient would be 0)
-                for j in trained_steps:
-                    loss, parts, ratio = step_loss(
-                        transformer,
-                        batches[b],
-                        j,
-                        mine[b],
-                        my_weights[b],
-                        sigmas,
-                        timesteps,
-                        noise_levels,
-                        step_fn,
-                        cfg,
-                    )
-                    scaler.scale(loss).backward()
-                    if first_ratio_error is None:  # before any update: must be 0 (on-policy)
-                        first_ratio_error = (ratio - 1).abs().max().item()
-                    for name, value in parts.items():
-                        stats[name].append(value)
-                    losses_finite = losses_finite and math.isfinite(parts["loss"])
-                    progress.update()
-            outcome = optimizer_update(params, optimizer, scaler, dist, cfg.max_grad_norm)
-            if outcome == "applied":
-                optimizer_step += 1
-                nonfinite_in_a_row = 0
-                if optimizer_step % cfg.ema_every == 0:
-                    ema_update(ema_params, params, optimizer_step)
-            elif outcome == "overflow" and losses_finite:
-                overflow_updates += 1  # fp16: the loss scale was too high; the scaler lowered it
-            else:
-                nonfinite_updates += 1
-                nonfinite_in_a_row += 1
-                print(f"warning: step {step + 1}: non-finite loss or gradient, update skipped", flush=True)
-                if nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
-                    raise TrainingDiverged(
-                        f"{nonfinite_in_a_row} non-finite updates in a row at step {step + 1}: lower --lr or "
-                        f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints"
-                    )
-        progress.close()
-        timer["train"] = clock(dist.device) - started
-
-        # 5. Log, evaluate, save.
-        record = {"step": step + 1, "optimizer_steps": optimizer_step, "skipped_update": skip}
-        for name, value in scores.items():
-            record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
-        record["zero_std_group_ratio"] = constant_group_fraction(advantages, image_prompts)
-        record.update({k: sum(v) / len(v) if v else 0.0 for k, v in stats.items()})
-        record["first_ratio_error"] = first_ratio_error
-        record["nonfinite_updates"] = nonfinite_updates
-        if scaler.is_enabled():
-            record["fp16_overflow_updates"], record["loss_scale"] = overflow_updates, scaler.get_scale()
-        record.update({f"seconds_{k}": v for k, v in timer.items()})
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
-            record.update(run_eval(step + 1))
-        record.update(gpu_memory(dist.device))
-        if compiles:  # the phases' seconds include compiling
-            record.update(compiles.record())
-        log(record)
-        if dist.main and "eval_reward" in record:
-            write_curves([cfg.out], f"{cfg.out}/curves.png")
-        if dist.main:
-            if compiles and record["seconds_compile"]:  # once, unless something recompiles
-                where = f"step {step + 1}" + (" and the evaluation at step 0" if step == 0 else "")
-                print(
-                    f"compile: {record['seconds_compile']:.1f}s, part of the time of {where};"
-                    f" {record['compilations']} graphs so far",
-                    flush=True,
-                )
-            evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
-            print(
-                f"step {step + 1} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} "
-                f"| kl {record['kl']:.2e}"
-                f" | clip {record['clip_fraction']:.2f} | {sum(timer.values()):.1f}s{evaluated}",
-                flush=True,
-            )
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
-                save_checkpoint(
-                    cfg, step + 1, optimizer_step, params, ema_params, optimizer, transformer, lora_config, scaler
-                )
-    if dist.main:
-        print(effect_size_line(read_metrics(cfg.out)), flush=True)
-        with swap_in(params, ema_params if cfg.ema else params):
-            save_lora(transformer, lora_config, f"{cfg.out}/lora")
-    return TrainedRun(pipe, transformer, params, ema_params)
-
-
-class TrainedRun(NamedTuple):
-    pipe: object
-    transformer: torch.nn.Module  # the LoRA-wrapped transformer
-    params: list  # the LoRA parameters
-    ema_params: list
-
-
-def clock(device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()  # kernels run asynchronously: count them in the phase that launched them
-    return time.perf_counter()
-
-
-def gpu_memory(device) -> dict:
-    """GPU memory for the log, in GiB, as the allocator sees it and as the device does: the peak of live tensors
-    (allocated) and of the allocator's cache (reserved) since the last call, whose peaks it then resets so that
-    each step reports its own; and the memory in use on the whole device now (torch.cuda.mem_get_info: every
-    process, the CUDA context, the cache; what nvidia-smi shows). Empty on a CPU."""
-    if device.type != "cuda":
-        return {}
-    free, total = torch.cuda.mem_get_info(device)
-    memory = {
-        "gpu_allocated_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-        "gpu_reserved_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30,
-        "gpu_device_used_gib": (total - free) / 2**30,
-    }
-    torch.cuda.reset_peak_memory_stats(device)
-    return memory
-
-
-def check_resolution(pipe, cfg: Config):
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    patch = pipe.transformer.config.patch_size
-    largest = pipe.transformer.config.pos_embed_max_size * patch * scale
-    if cfg.resolution % (scale * patch) or cfg.resolution > largest:
-        raise UsageError(
-            f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px"
-        )
-
-
-MAX_NONFINITE_IN_A_ROW = 3
-
-
-class TrainingDiverged(Exception):
-    """Too many non-finite updates in a row: stop rather than train on garbage."""
+def unlock_output_folder(out: str):
+    fd = _FOLDER_LOCKS.pop(os.path.realpath(out), None)
+    if fd is not None:
+        os.close(fd)
 
 
 # out: the folder may have been moved or named by another path since.
@@ -1768,8 +1321,6 @@ RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "
 def check_output_folder(cfg: Config, lock: bool = True):
     """Never overwrite a run; resume only a run with the same config; fail before any work if the
     folder cannot be written or another run holds it (lock: rank 0 alone takes the folder's lock)."""
-    import json
-    import os
 
     try:
         os.makedirs(cfg.out, exist_ok=True)
@@ -1795,8 +1346,6 @@ def check_output_folder(cfg: Config, lock: bool = True):
             )
     elif cfg.resume and not os.path.exists(config_path):
         raise UsageError(f"--resume: {cfg.out} holds no run (no config.json): drop --resume to start one")
-    # Otherwise the folder is new, or holds a run that failed before it finished a step: that starts
-    # again from step 0, with or without --resume, and its config.json is replaced.
 
 
 def finished_a_step(out: str) -> bool:
@@ -1804,7 +1353,6 @@ def finished_a_step(out: str) -> bool:
     written before the first evaluation, so a run that failed before its first step (a reward that
     raised, an out-of-memory, Ctrl-C) leaves one; it has nothing worth keeping or resuming, and must
     not make the corrected command refuse to start."""
-    import os
 
     metrics = f"{out}/metrics.jsonl"
     return (os.path.exists(metrics) and os.path.getsize(metrics) > 0) or latest_checkpoint(out) is not None
@@ -1812,8 +1360,6 @@ def finished_a_step(out: str) -> bool:
 
 def write_run_files(cfg: Config, start_step: int):
     """config.json for a new run; on resume, drop the metrics of steps that will be redone."""
-    import json
-    import os
 
     with open(f"{cfg.out}/config.json.tmp", "w") as f:
         json.dump({k: v for k, v in vars(cfg).items() if k != "resume"}, f, indent=1)
@@ -1829,8 +1375,6 @@ def write_run_files(cfg: Config, start_step: int):
 
 def read_metrics(folder: str) -> list:
     """The records of a run's metrics.jsonl, one per step (a missing file reads as no steps)."""
-    import json
-    import os
 
     path = f"{folder}/metrics.jsonl"
     if not os.path.isfile(path):
@@ -1839,152 +1383,23 @@ def read_metrics(folder: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def effect_size(records) -> dict:
-    """How far a run raised its rollout reward, in within-step standard deviations:
-
-        effect = (mean reward_mean of the last tenth of steps - mean reward_mean of the first tenth)
-                 / mean reward_std over all steps
-
-    a tenth being max(1, n // 10) of the n logged steps and reward_std the (population) std of the
-    rewards of one step. The first and last logged evaluation rewards (40-step ODE) come along."""
-    steps = [r for r in records if "reward_mean" in r]
-    evals = [r for r in records if "eval_reward" in r]
-    if not steps:
-        return {}
-    k = max(1, len(steps) // 10)
-    first = sum(r["reward_mean"] for r in steps[:k]) / k
-    last = sum(r["reward_mean"] for r in steps[-k:]) / k
-    spread = sum(r["reward_std"] for r in steps) / len(steps)
-    return {
-        "first": first,
-        "last": last,
-        "std": spread,
-        "effect": (last - first) / spread if spread > 0 else math.nan,
-        "first_steps": (steps[0]["step"], steps[k - 1]["step"]),
-        "last_steps": (steps[-k]["step"], steps[-1]["step"]),
-        "eval_first": (evals[0]["step"], evals[0]["eval_reward"]) if evals else None,
-        "eval_last": (evals[-1]["step"], evals[-1]["eval_reward"]) if evals else None,
-    }
+# Checkpoints and the LoRA in diffusers' format ---------------------------------------------------
 
 
-def effect_size_line(records) -> str:
-    """effect_size as the one line printed at the end of a run."""
-    e = effect_size(records)
-    if not e:
-        return "effect size: no steps logged"
-    line = (
-        f"effect size: {e['effect']:+.2f} within-step stds (rollout reward {e['first']:.5g} over steps "
-        f"{e['first_steps'][0]}-{e['first_steps'][1]} -> {e['last']:.5g} over steps {e['last_steps'][0]}-"
-        f"{e['last_steps'][1]}; mean within-step std {e['std']:.2g})"
+def save_lora(transformer, lora_config, folder):
+    """The LoRA in diffusers' format: StableDiffusion3Pipeline.load_lora_weights(folder) loads it."""
+    from diffusers import StableDiffusion3Pipeline
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(transformer)
+    state = {k.removeprefix("base_model.model."): v.detach().cpu().contiguous() for k, v in state.items()}
+    # Without the adapter metadata diffusers would scale by 1 instead of alpha / r.
+    StableDiffusion3Pipeline.save_lora_weights(
+        folder, transformer_lora_layers=state, transformer_lora_adapter_metadata=lora_config.to_dict()
     )
-    if e["eval_first"]:
-        line += f"; eval reward {e['eval_first'][1]:.5g} at step {e['eval_first'][0]}"
-        line += f" -> {e['eval_last'][1]:.5g} at step {e['eval_last'][0]}"
-    return line
-
-
-_NOTED_NO_MATPLOTLIB = []  # the note is printed once per process, not at every evaluation
-
-
-def write_curves(folders, path: str) -> bool:
-    """Draw the metrics.jsonl of one run, or of several overlaid, into the PNG `path`: the rollout reward
-    (mean ± std band) with the evaluation reward, the KL terms, the clip fraction and the seconds per phase
-    against the step. Without matplotlib: one line saying so, no figure, False."""
-    import json
-    import os
-
-    try:  # the object API: no pyplot, so no global backend switch in the training process
-        from matplotlib.figure import Figure
-    except ImportError:
-        if not _NOTED_NO_MATPLOTLIB:
-            print(f"note: matplotlib is not installed, so no {path} (pip install matplotlib)", flush=True)
-            _NOTED_NO_MATPLOTLIB.append(True)
-        return False
-    fig = Figure(figsize=(12, 7.5), layout="constrained")
-    (reward_ax, kl_ax), (clip_ax, time_ax) = fig.subplots(2, 2, sharex=True)
-    names = [os.path.basename(os.path.normpath(f)) for f in folders]
-    if len(set(names)) < len(names):  # runs/a/out and runs/b/out: the whole paths tell them apart
-        names = [os.path.normpath(f) for f in folders]
-    for i, folder in enumerate(folders):
-        records = [r for r in read_metrics(folder) if "reward_mean" in r]
-        colour, name = f"C{i}", (names[i] + ": " if len(folders) > 1 else "")
-        eval_steps = "ODE"
-        if os.path.isfile(f"{folder}/config.json"):
-            with open(f"{folder}/config.json") as f:
-                eval_steps = f"{json.load(f).get('eval_num_steps', '')}-step ODE"
-        step = [r["step"] for r in records]
-        mean, std = torch.tensor([r["reward_mean"] for r in records]), torch.tensor([r["reward_std"] for r in records])
-        reward_ax.plot(step, mean, color=colour, label=f"{name}rollout (SDE), mean ± std")
-        reward_ax.fill_between(step, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
-        evals = [r for r in records if "eval_reward" in r]
-        reward_ax.plot(
-            [r["step"] for r in evals],
-            [r["eval_reward"] for r in evals],
-            "o--",
-            color=colour,
-            label=f"{name}eval ({eval_steps})",
-        )
-        kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
-        for key, style, label in kls:
-            if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
-                kl_ax.plot(step, [r[key] for r in records], style, color=colour, label=name + label)
-        clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "clip fraction")
-        for phase, style in (("rollout", "-"), ("reward", ":"), ("train", "--")):
-            time_ax.plot(step, [r[f"seconds_{phase}"] for r in records], style, color=colour, label=name + phase)
-    reward_ax.set(title="reward", ylabel="reward")
-    kl_ax.set(title="KL per dimension (mean over the step's backward passes)", yscale="log")
-    clip_ax.set(title="fraction of clipped ratios", xlabel="step")
-    time_ax.set(title="seconds per phase of a step", xlabel="step", ylim=(0, None))
-    for ax in (reward_ax, kl_ax, clip_ax, time_ax):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.suptitle(", ".join(names))
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
-    return True
-
-
-def plot_main(argv):
-    """python flow_grpo.py --plot RUN [RUN ...]: curves.png of finished runs."""
-    import argparse
-    import os
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="flow_grpo.py --plot",
-        description="Draw the curves of finished runs from their metrics.jsonl (the figure "
-        "training writes to OUT/curves.png at each evaluation); several runs are overlaid, one colour each.",
-    )
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="the output folder (--out) of a run")
-    parser.add_argument(
-        "--output", default="", help="PNG to write (default: RUN/curves.png for one run, ./curves.png for several)"
-    )
-    args = parser.parse_args(argv)
-    for run in args.runs:
-        if not read_metrics(run):
-            print(
-                f"error: {run} holds no logged steps (no {os.path.join(run, 'metrics.jsonl')}): pass the --out "
-                "folder of a run that has taken a step",
-                file=sys.stderr,
-            )
-            sys.exit(2)
-    output = args.output or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
-    try:
-        drawn = write_curves(args.runs, output)
-    except OSError as error:
-        print(
-            f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr
-        )
-        sys.exit(2)
-    if not drawn:
-        sys.exit(1)
-    print(f"wrote {output}")
 
 
 def latest_checkpoint(out: str):
-    import glob
-
     found = sorted(glob.glob(f"{out}/checkpoints/step_*"))
     return found[-1] if found else None
 
@@ -1995,9 +1410,6 @@ def save_checkpoint(
     """Written under a temporary name, then renamed: a killed run never leaves a half checkpoint. It also
     holds the (EMA) LoRA in diffusers' format, as lora/ at the end of a run, so the weights of a run
     that died are usable with load_lora_weights(CHECKPOINT) without resuming it."""
-    import json
-    import os
-    import shutil
 
     from safetensors.torch import save_file
 
@@ -2034,7 +1446,6 @@ class DamagedCheckpoint(Exception):
 
 def read_checkpoint(folder: str) -> dict:
     """Every file of a checkpoint read in full, so that damage shows here, before anything is restored."""
-    import json
 
     from safetensors.torch import load_file
 
@@ -2089,7 +1500,6 @@ def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True
     """Restore the newest intact checkpoint of out and return its (step, optimizer_step), (0, 0) if it
     has none. A damaged newer one (a full disk, a copy cut short) is skipped with a one-line warning;
     if every one is damaged the run stops with one line rather than silently start again."""
-    import glob
 
     damaged = []
     for folder in sorted(glob.glob(f"{out}/checkpoints/step_*"), reverse=True):
@@ -2110,16 +1520,681 @@ def resume_checkpoint(out: str, params, ema_params, optimizer, warn: bool = True
     return 0, 0
 
 
+# The text encoders, live or cached on disk (--precompute-text-embeds) ----------------------------
+
+
+def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, world: int = 1):
+    """The text of a batch: a function text_for(prompts, repeats=1) -> TextEmbeddings with one row per image
+    (prompt i repeated `repeats` times; a plain per-image list with the default repeats=1, so a batch may hold
+    several prompts with any counts). The negative prompt "" is encoded once, not once per prompt.
+
+    Live (default): the encoders stay on the device and each call encodes its distinct prompts. The official
+    `scripts/train_sd3.py`, `main()`, does the same: it encodes each sampling batch's prompts, and "" once.
+    precompute_text_embeds: every distinct prompt of all_prompts is encoded once into OUT/text_embeds on disk
+    (each process of a torchrun encodes a share), the encoders are freed, and each call reads its rows from
+    the files (TextCache): a process's memory does not grow with the number of prompts. A resumed run reuses
+    the cache without loading the encoders onto the device.
+    """
+
+    if not cfg.precompute_text_embeds:
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(device)
+        negative = encode_text(pipe, [""], device) if cfg.guidance_scale > 1 else None
+
+        def live(prompts, repeats=1):
+            prompts = per_image(prompts, repeats)
+            row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+            index = torch.tensor([row[p] for p in prompts], device=device)
+            return images_text(encode_text(pipe, list(row), device), index, negative)
+
+        return live
+
+    folder = f"{cfg.out}/text_embeds"
+    prompts = list(dict.fromkeys(["", *all_prompts]))  # row 0: the negative prompt
+    encoder = next(e for e in (pipe.text_encoder_3, pipe.text_encoder, pipe.text_encoder_2) if e is not None)
+    fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype, prompts)
+    if not all_ranks_agree(TextCache.holds(folder, fingerprint), device, world):
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(device)
+        write_text_cache(pipe, folder, prompts, fingerprint, device, rank, world)
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if not TextCache.holds(folder, fingerprint):
+        raise UsageError(
+            f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
+            "--out must be on a filesystem that every process (every node) shares"
+        )
+    return TextCache(folder, prompts, device, cfg.guidance_scale > 1)
+
+
+def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
+    """CLIP-L + CLIP-G + T5 (128 tokens) embeddings, each prompt repeated group_size times; with CFG
+    the embeddings of the negative prompt "" come first. What StableDiffusion3Pipeline itself does
+    (it encodes "" once per prompt): the reference that text_encoder_for's functions are tested against."""
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompts,
+            prompts,
+            prompts,
+            device=device,
+            num_images_per_prompt=group_size,
+            do_classifier_free_guidance=guidance_scale > 1,
+            negative_prompt="",
+            max_sequence_length=128,
+        )
+    if guidance_scale > 1:
+        return TextEmbeddings(torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled]))
+    return TextEmbeddings(embeds, pooled)
+
+
+def images_text(rows: TextEmbeddings, index: torch.Tensor, negative) -> TextEmbeddings:
+    """Row index[i] of `rows` for image i; with CFG (negative given) the negative's copies come first."""
+    embeds, pooled = rows.embeds[index], rows.pooled[index]
+    if negative is not None:
+        n = len(index)
+        embeds = torch.cat([negative.embeds.expand(n, -1, -1), embeds])
+        pooled = torch.cat([negative.pooled.expand(n, -1), pooled])
+    return TextEmbeddings(embeds, pooled)
+
+
+TEXT_CACHE_VERSION = 1
+
+
+def text_cache_fingerprint(model: str, dtype: torch.dtype, prompts) -> dict:
+    """What the cached embeddings depend on: a cache with another fingerprint is rebuilt, not reused."""
+
+    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
+    return {
+        "version": TEXT_CACHE_VERSION,
+        "model": model,
+        "dtype": str(dtype),
+        "max_sequence_length": 128,
+        "rows": len(prompts),
+        "prompts_sha256": digest,
+    }
+
+
+def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, world: int, chunk: int = 32):
+    """Encode every prompt once into two flat files, embeds.bin [rows, tokens, dim] and pooled.bin [rows, dim]
+    in the encoders' dtype, row i = prompts[i]. Rank 0 writes row 0 (the negative "", encoded alone); rows
+    1.. go in chunks of `chunk` prompts, process r of `world` encoding chunks r, r + world, ... and writing
+    them in place. index.json, written last, marks the folder complete; it is built under a temporary name
+    and renamed, so a killed run never leaves a cache that looks whole."""
+
+    from diffusers.utils import logging as diffusers_logging
+    from tqdm import tqdm
+
+    tmp = f"{folder}.tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+    if rank == 0:  # a stale cache (other prompts or model) or a half-written one is of no use: free its space
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    barrier(world)
+    probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
+    shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
+    row_bytes = {k: math.prod(s) * probe.embeds.element_size() for k, s in shapes.items()}
+    needed = len(prompts) * sum(row_bytes.values())
+    free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
+    if free < needed:  # every process sees the same disk, so all of them stop here: no one waits at a barrier
+        raise UsageError(
+            f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
+            f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
+            "choose another --out"
+        )
+    if rank == 0:
+        os.makedirs(tmp)
+        for name in shapes:
+            open(f"{tmp}/{name}.bin", "wb").close()
+    barrier(world)
+    verbosity = diffusers_logging.get_verbosity()
+    # CLIP keeps 77 tokens of each prompt (as in every SD3 run); diffusers would say so for every chunk of the
+    # official set's long prompts, thousands of warnings.
+    diffusers_logging.set_verbosity_error()
+    try:
+
+        def put(start, text):
+            for name, value in zip(shapes, text):
+                with open(f"{tmp}/{name}.bin", "r+b") as f:
+                    f.seek(start * row_bytes[name])
+                    f.write(value.cpu().contiguous().view(-1).view(torch.uint8).numpy())
+
+        if rank == 0:
+            put(0, probe)
+        starts = range(1 + rank * chunk, len(prompts), world * chunk)
+        for start in tqdm(starts, desc=f"encoding {len(prompts)} prompts", leave=False, disable=rank != 0):
+            put(start, encode_text(pipe, prompts[start : start + chunk], device))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    barrier(world)
+    if rank == 0:
+        with open(f"{tmp}/index.json", "w") as f:
+            json.dump({"fingerprint": fingerprint, "dtype": str(probe.embeds.dtype), "shapes": shapes}, f, indent=1)
+        os.replace(tmp, folder)
+    barrier(world)
+
+
+class TextCache:
+    """Text embeddings read row by row from the files write_text_cache wrote. In memory: the prompt -> row
+    index and the negative prompt's embeddings (with CFG), nothing per prompt; the rows read for a batch live
+    as long as the batch. Each prompt's row is the same bits whatever batch it is read in."""
+
+    def __init__(self, folder, prompts, device, guidance: bool):
+        with open(f"{folder}/index.json") as f:
+            index = json.load(f)
+        self.dtype = getattr(torch, index["dtype"].removeprefix("torch."))
+        self.shapes = index["shapes"]
+        self.row_bytes = {k: math.prod(s) * self.dtype.itemsize for k, s in self.shapes.items()}
+        self.folder = folder
+        self.row = {p: i for i, p in enumerate(prompts)}
+        self.device = device
+        self.negative = self.read([0]) if guidance else None  # row 0 is ""
+
+    @staticmethod
+    def holds(folder, fingerprint) -> bool:
+        try:
+            with open(f"{folder}/index.json") as f:
+                index = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return index.get("fingerprint") == fingerprint
+
+    def read(self, rows) -> TextEmbeddings:
+        """The embeddings of the given rows, [len(rows), ...] on the device."""
+        out = []
+        for name, shape in self.shapes.items():
+            value = torch.empty(len(rows), *shape, dtype=self.dtype)
+            buffer = memoryview(value.view(-1).view(torch.uint8).numpy())
+            size = self.row_bytes[name]
+            # Plain reads into a fresh tensor, not a memory map: mapped pages would count in the process's
+            # memory and grow with the number of prompts a long run touches.
+            with open(f"{self.folder}/{name}.bin", "rb", buffering=0) as f:
+                for i, row in enumerate(rows):
+                    f.seek(row * size)
+                    if f.readinto(buffer[i * size : (i + 1) * size]) != size:
+                        raise OSError(f"text cache file {f.name} is truncated: delete {self.folder} to rebuild it")
+            out.append(value.to(self.device))
+        return TextEmbeddings(*out)
+
+    def __call__(self, prompts, repeats: int = 1) -> TextEmbeddings:
+        prompts = per_image(prompts, repeats)
+        distinct = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        missing = [p for p in distinct if p not in self.row]
+        if missing:
+            raise KeyError(f"prompt not in the text cache: {missing[0]!r}")
+        index = torch.tensor([distinct[p] for p in prompts], device=self.device)
+        return images_text(self.read([self.row[p] for p in distinct]), index, self.negative)
+
+
+# Data parallelism (torchrun) ---------------------------------------------------------------------
+
+
+class Distributed(NamedTuple):
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Under torchrun: one process per GPU (NCCL), or per CPU process (gloo). Otherwise one process."""
+
+    if "RANK" not in os.environ:
+        return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group("nccl")
+        return Distributed(rank, world, torch.device("cuda", local_rank))
+    torch.distributed.init_process_group("gloo")
+    return Distributed(rank, world, torch.device("cpu"))
+
+
+def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
+    if dist.world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.world)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
+def sum_gradients(params, dist: Distributed):
+    """Data parallelism by hand: one all-reduce (sum) of the flattened LoRA gradients per optimizer step. The
+    losses are already divided by the sample count of all ranks (loss_weights), so the sum is the mean.
+    (DDP's wrapper adds nothing here but hooks that fight with disable_adapter and accumulation.)"""
+    if dist.world == 1:
+        return
+    grads = torch.cat([p.grad.flatten() for p in params])
+    torch.distributed.all_reduce(grads)
+    offset = 0
+    for p in params:
+        p.grad.copy_(grads[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def all_ranks_agree(flag: bool, device, world: int) -> bool:
+    """True only if flag is True on every process (all of them then take the same branch)."""
+    if world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def barrier(world: int):
+    if world > 1:
+        torch.distributed.barrier()
+
+
+# EMA and evaluation ------------------------------------------------------------------------------
+
+
+def ema_update(ema_params, params, optimizer_step: int):
+    """EMA of the LoRA weights with the official warm-up decay min((1 + k) / (10 + k), 0.9)."""
+    decay = min((1 + optimizer_step) / (10 + optimizer_step), 0.9)
+    with torch.no_grad():
+        for ema, p in zip(ema_params, params):
+            ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class swap_in:
+    """Temporarily load other values (the EMA) into the LoRA parameters."""
+
+    def __init__(self, params, values):
+        self.params, self.values = params, values
+
+    def __enter__(self):
+        self.saved = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, v in zip(self.params, self.values):
+                p.copy_(v)
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for p, v in zip(self.params, self.saved):
+                p.copy_(v)
+
+
+def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_prompts, text_for, step: int):
+    """The paper's evaluation: a 40-step ODE (a = 0) with CFG on held-out prompts, one image each,
+    prompts split over the ranks. Returns the mean of every reward component over all ranks."""
+    from tqdm import tqdm
+
+    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, dist.device)
+    mine = eval_prompts[dist.rank :: dist.world]
+    names = list(reward_fn.names) + ["reward"]
+    images, scores = [], []
+    for start in tqdm(range(0, len(mine), cfg.batch_size), desc="eval", leave=False, disable=not dist.main):
+        prompts = mine[start : start + cfg.batch_size]
+        noise = torch.randn(len(prompts), *latent_shape(pipe, cfg), generator=seeded(cfg.seed, -1, dist.rank, start))
+        out = sample(
+            transformer,
+            text_for(prompts, 1),
+            noise.to(dist.device),
+            sigmas,
+            timesteps,
+            cfg.guidance_scale,
+            [0.0] * cfg.eval_num_steps,
+        )
+        batch_images = decode_images(pipe, out.latents[:, -1])
+        images += batch_images
+        result = score(reward_fn, batch_images, prompts)
+        scores.append(torch.stack([result[name] for name in names], dim=1))
+    scores = torch.cat(scores) if scores else torch.zeros(0, len(names))
+    counts = all_gather(torch.tensor([float(len(scores))], device=dist.device), dist)
+    totals = all_gather(scores.sum(0, keepdim=True).to(dist.device), dist).sum(0)
+    if dist.main and images:
+        save_image_grid(images, mine, f"{cfg.out}/eval_{step:05d}.png")
+    return {f"eval_{name}": (totals[i] / counts.sum()).item() for i, name in enumerate(names)}
+
+
+def save_image_grid(images, prompts, path, columns=4):
+    """A PNG of images with their prompts underneath, for a person to look at."""
+
+    from PIL import Image, ImageDraw
+
+    side = max(256, images[0].width)
+    caption = 48
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+        x, y = (i % columns) * side, (i // columns) * (side + caption)
+        grid.paste(image.resize((side, side)), (x, y))
+        draw.multiline_text((x + 4, y + side + 2), "\n".join(textwrap.wrap(prompt, side // 7)[:3]), fill="black")
+    grid.save(path)
+
+
+# Metrics: the effect size and the curves ---------------------------------------------------------
+
+
+def effect_size(records) -> dict:
+    """How far a run raised its rollout reward, in within-step standard deviations:
+
+        effect = (mean reward_mean of the last tenth of steps - mean reward_mean of the first tenth)
+                 / mean reward_std over all steps
+
+    a tenth being max(1, n // 10) of the n logged steps and reward_std the (population) std of the
+    rewards of one step. The first and last logged evaluation rewards (40-step ODE) come along."""
+    steps = [r for r in records if "reward_mean" in r]
+    evals = [r for r in records if "eval_reward" in r]
+    if not steps:
+        return {}
+    k = max(1, len(steps) // 10)
+    first = sum(r["reward_mean"] for r in steps[:k]) / k
+    last = sum(r["reward_mean"] for r in steps[-k:]) / k
+    spread = sum(r["reward_std"] for r in steps) / len(steps)
+    return {
+        "first": first,
+        "last": last,
+        "std": spread,
+        "effect": (last - first) / spread if spread > 0 else math.nan,
+        "first_steps": (steps[0]["step"], steps[k - 1]["step"]),
+        "last_steps": (steps[-k]["step"], steps[-1]["step"]),
+        "eval_first": (evals[0]["step"], evals[0]["eval_reward"]) if evals else None,
+        "eval_last": (evals[-1]["step"], evals[-1]["eval_reward"]) if evals else None,
+    }
+
+
+def effect_size_line(records) -> str:
+    """effect_size as the one line printed at the end of a run."""
+    e = effect_size(records)
+    if not e:
+        return "effect size: no steps logged"
+    line = (
+        f"effect size: {e['effect']:+.2f} within-step stds (rollout reward {e['first']:.5g} over steps "
+        f"{e['first_steps'][0]}-{e['first_steps'][1]} -> {e['last']:.5g} over steps {e['last_steps'][0]}-"
+        f"{e['last_steps'][1]}; mean within-step std {e['std']:.2g})"
+    )
+    if e["eval_first"]:
+        line += f"; eval reward {e['eval_first'][1]:.5g} at step {e['eval_first'][0]}"
+        line += f" -> {e['eval_last'][1]:.5g} at step {e['eval_last'][0]}"
+    return line
+
+
+_NOTED_NO_MATPLOTLIB = []  # the note is printed once per process, not at every evaluation
+
+
+def write_curves(folders, path: str) -> bool:
+    """Draw the metrics.jsonl of one run, or of several overlaid, into the PNG `path`: the rollout reward
+    (mean ± std band) with the evaluation reward, the KL terms, the clip fraction and the seconds per phase
+    against the step. Without matplotlib: one line saying so, no figure, False."""
+
+    try:  # the object API: no pyplot, so no global backend switch in the training process
+        from matplotlib.figure import Figure
+    except ImportError:
+        if not _NOTED_NO_MATPLOTLIB:
+            print(f"note: matplotlib is not installed, so no {path} (pip install matplotlib)", flush=True)
+            _NOTED_NO_MATPLOTLIB.append(True)
+        return False
+    fig = Figure(figsize=(12, 7.5), layout="constrained")
+    (reward_ax, kl_ax), (clip_ax, time_ax) = fig.subplots(2, 2, sharex=True)
+    names = [os.path.basename(os.path.normpath(f)) for f in folders]
+    if len(set(names)) < len(names):  # runs/a/out and runs/b/out: the whole paths tell them apart
+        names = [os.path.normpath(f) for f in folders]
+    for i, folder in enumerate(folders):
+        records = [r for r in read_metrics(folder) if "reward_mean" in r]
+        colour, name = f"C{i}", (names[i] + ": " if len(folders) > 1 else "")
+        eval_steps = "ODE"
+        if os.path.isfile(f"{folder}/config.json"):
+            with open(f"{folder}/config.json") as f:
+                eval_steps = f"{json.load(f).get('eval_num_steps', '')}-step ODE"
+        step = [r["step"] for r in records]
+        mean, std = torch.tensor([r["reward_mean"] for r in records]), torch.tensor([r["reward_std"] for r in records])
+        reward_ax.plot(step, mean, color=colour, label=f"{name}rollout (SDE), mean ± std")
+        reward_ax.fill_between(step, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
+        evals = [r for r in records if "eval_reward" in r]
+        reward_ax.plot(
+            [r["step"] for r in evals],
+            [r["eval_reward"] for r in evals],
+            "o--",
+            color=colour,
+            label=f"{name}eval ({eval_steps})",
+        )
+        kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
+        for key, style, label in kls:
+            if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
+                kl_ax.plot(step, [r[key] for r in records], style, color=colour, label=name + label)
+        clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "clip fraction")
+        for phase, style in (("rollout", "-"), ("reward", ":"), ("train", "--")):
+            time_ax.plot(step, [r[f"seconds_{phase}"] for r in records], style, color=colour, label=name + phase)
+    reward_ax.set(title="reward", ylabel="reward")
+    kl_ax.set(title="KL per dimension (mean over the step's backward passes)", yscale="log")
+    clip_ax.set(title="fraction of clipped ratios", xlabel="step")
+    time_ax.set(title="seconds per phase of a step", xlabel="step", ylim=(0, None))
+    for ax in (reward_ax, kl_ax, clip_ax, time_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(", ".join(names))
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
+    return True
+
+
+# Speed and memory on a GPU: bf16 LoRA arithmetic, --compile, timers ------------------------------
+
+
+class LinearInInputDtype(torch.nn.Linear):
+    """A LoRA factor whose weight stays fp32 (the master copy AdamW updates, the EMA and checkpoints keep)
+    but is applied in the dtype of its input: the cast is part of autograd, so the matmul and the tensors
+    saved for backward are bf16, and the cast's backward hands the weight an fp32 gradient."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), bias)
+
+
+def lora_in_base_dtype(model):
+    """Run every LoRA of a peft model in the base weights' dtype, with fp32 master weights.
+
+    peft's default (autocast_adapter_dtype) casts each LoRA layer's input to the fp32 of the LoRA weights:
+    an fp32 copy of every targeted activation, made in the forward and saved for the backward, and fp32
+    matmuls (+38 % on SD3.5-M's forward, issue 13). Here peft's input cast is switched off
+    (`cast_input_dtype_enabled`, the flag peft's `helpers.disable_input_dtype_casting` sets) and the weights
+    are cast instead. The class swap keeps the modules, their parameters and their state-dict names."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.cast_input_dtype_enabled = False
+            for factor in (*layer.lora_A.values(), *layer.lora_B.values()):
+                if type(factor) is torch.nn.Linear:
+                    factor.__class__ = LinearInInputDtype
+
+
+class CompileCounter:
+    """The compilations of this process from now on, counted and timed by dynamo's compile callbacks: a graph
+    traced (a first call, or a recompilation after a guard failed) or a backward compiled at its first use.
+    torch.compile is lazy, so this is how compiling is told apart from a slow first step."""
+
+    def __init__(self):
+        self.graphs, self.seconds, self.reported, self.started = 0, 0.0, 0.0, 0.0
+        torch._dynamo.callback_handler.register_start_callback(self.start)
+        torch._dynamo.callback_handler.register_end_callback(self.end)
+
+    def start(self, args=None):  # older torch calls the callbacks without arguments
+        self.started = time.perf_counter()
+
+    def end(self, args=None):
+        self.seconds += time.perf_counter() - self.started
+        if getattr(args, "callback_trigger", None) is None or args.callback_trigger.name == "DYNAMO":
+            self.graphs += 1
+
+    def record(self):
+        """For the log: the graphs compiled so far, and the seconds spent compiling since the previous record."""
+        seconds, self.reported = self.seconds - self.reported, self.seconds
+        return {"compilations": self.graphs, "seconds_compile": seconds}
+
+
+def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
+    """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
+
+    Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
+    dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
+    gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
+    inputs, so new values need no new graph), and without with the adapter disabled (the reference policy);
+    with grad, the first block also gets its own graph when its inputs, unlike the next blocks', need no
+    gradient (guards check requires_grad). All of them are compiled in the first step (and the evaluation
+    before it); the count is logged so that a recompilation shows. Shapes are static: a run's shapes never
+    change, except the last evaluation batch when the eval prompts do not fill it, which costs one graph more,
+    at step 0.
+    nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
+    disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
+    same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
+    import torch._dynamo
+
+    if not hasattr(torch._dynamo, "callback_handler"):
+        raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
+    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M needs 10, the default is 8.
+    setattr(config, limit, max(getattr(config, limit), 64))
+    counter = CompileCounter()
+    for block in transformer.get_base_model().transformer_blocks:
+        block.compile(fullgraph=True, dynamic=False, backend=backend)
+    return counter
+
+
+def clock(device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: count them in the phase that launched them
+    return time.perf_counter()
+
+
+def gpu_memory(device) -> dict:
+    """GPU memory for the log, in GiB, as the allocator sees it and as the device does: the peak of live tensors
+    (allocated) and of the allocator's cache (reserved) since the last call, whose peaks it then resets so that
+    each step reports its own; and the memory in use on the whole device now (torch.cuda.mem_get_info: every
+    process, the CUDA context, the cache; what nvidia-smi shows). Empty on a CPU."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    memory = {
+        "gpu_allocated_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "gpu_reserved_peak_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        "gpu_device_used_gib": (total - free) / 2**30,
+    }
+    torch.cuda.reset_peak_memory_stats(device)
+    return memory
+
+
+# The built-in prompts ----------------------------------------------------------------------------
+
+
+BUILTIN_PROMPTS = [
+    "a red fox curled up asleep in fresh snow",
+    "a lighthouse on a rocky cliff during a thunderstorm",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "an astronaut reading a newspaper on a park bench",
+    "a watercolor painting of a quiet canal in Venice at dawn",
+    "three green apples on a wooden table",
+    "a cyberpunk street market at night, neon signs reflected in puddles",
+    "a tiny house built inside a hollow tree",
+    "an origami crane made of newspaper",
+    "a golden retriever wearing sunglasses on a surfboard",
+    "a medieval library with towering bookshelves and a spiral staircase",
+    "a glass of orange juice next to a blue mug",
+    "a snow leopard walking along a mountain ridge",
+    "an oil painting of sunflowers in a clay vase",
+    "a steam locomotive crossing a stone viaduct in autumn",
+    "a robot watering plants in a greenhouse",
+    "a close-up of a hummingbird drinking from a purple flower",
+    "a bicycle leaning against a yellow wall",
+    "a bustling harbour with fishing boats at sunrise",
+    "a cozy reading nook with a cat and a knitted blanket",
+    "a desert with a single cactus under a starry sky",
+    "a plate of sushi arranged like a chessboard",
+    "a koi pond with lily pads seen from above",
+    "a vintage red car parked in front of a diner",
+    "a pencil sketch of an old man laughing",
+    "a hot air balloon festival over green hills",
+    "an owl perched on a lantern in a misty forest",
+    "a slice of chocolate cake with raspberries",
+    "a futuristic city floating above the clouds",
+    "two pandas sharing bamboo in the rain",
+    "a wooden sailboat on a calm turquoise lake",
+    "a child building a sandcastle, photographed from low angle",
+]
+
+
+BUILTIN_EVAL_PROMPTS = [
+    "a corgi running on a beach at sunset",
+    "a teapot shaped like a pumpkin",
+    "a mountain village covered in snow at night",
+    "a portrait of a woman with freckles in soft window light",
+    "a blue butterfly resting on a white rose",
+    "a stack of pancakes with maple syrup and blueberries",
+    "an isometric illustration of a tiny island with a windmill",
+    "a black cat sitting on a stack of old books",
+]
+
+
+# For --reward ocr without prompt files: the text to render stands in double quotes (rewards.ocr_target).
+BUILTIN_OCR_PROMPTS = [
+    'a storefront sign that says "OPEN"',
+    'a coffee cup with the word "Monday" printed on it',
+    'a chalkboard menu that reads "Soup of the Day"',
+    'a neon sign glowing "Late Night" above a bar door',
+    'a birthday cake with "Happy 30th" written in icing',
+    'a road sign that says "STOP" at a snowy crossing',
+    'a vintage poster with the title "Moon Trip"',
+    'a T-shirt with the slogan "Stay Curious"',
+    'a wooden signpost pointing to "Beach" in the dunes',
+    'a book cover titled "The Last Orchard"',
+    'a protest banner that says "Save the Bees"',
+    'a cereal box with the brand name "Crunchos"',
+    'a license plate that reads "GRPO 42"',
+    'a street mural with the words "Hello World"',
+    'a cinema marquee showing "Now Playing"',
+    'a handwritten note on the fridge saying "Buy Milk"',
+    'a laptop sticker that says "Ship It"',
+    'a bakery window with "Fresh Bread" painted on the glass',
+    'a train station board showing "Platform 9"',
+    'a graduation cap decorated with "Class of 2025"',
+    'a welcome mat that says "Go Away"',
+    'a tin can labelled "Tomato Soup" on a shelf',
+    'a rocket with "Mars One" painted on its side',
+    'a pizza box with "Hot and Fresh" printed on the lid',
+    'a lighthouse with "North Point" written on its base',
+    'a kite shaped like a dragon with "Fly High" on its wing',
+    'a gym wall with the motto "No Excuses"',
+    'a vintage radio with the brand "Sonora" on its grille',
+    'a dog collar tag engraved "Biscuit"',
+    'a library stamp that reads "Overdue"',
+    'a sand drawing on a beach that spells "Summer"',
+    'a green exit sign that reads "EXIT"',
+]
+
+
+BUILTIN_OCR_EVAL_PROMPTS = [
+    'a hotel door hanger that says "Do Not Disturb"',
+    'a food truck with "Taco Time" on its side',
+    'a museum plaque reading "Ancient Egypt"',
+    'a skateboard deck with the word "Rebel"',
+    'a festival wristband printed "VIP Pass"',
+    'a classroom whiteboard that says "Quiz Today"',
+    'a flag waving with the word "Freedom"',
+    'a bottle label that reads "Olive Oil"',
+]
+
+
 # --------------------------------------------------------------------------------------------------
-# 3. A tiny SD3 for CPUs and tests (--model tiny): nothing downloaded, tokenizers built here
+# 6. A tiny SD3 for CPUs and tests (--model tiny): nothing downloaded, tokenizers built here
 # --------------------------------------------------------------------------------------------------
 
 
 def build_tiny_clip_tokenizer(folder):
     """A byte-level CLIP BPE tokenizer written from scratch (256 bytes, their `</w>` forms, a few
     merges), so the CLIP text path runs with nothing downloaded."""
-    import json
-    import os
 
     from transformers import CLIPTokenizer
 
@@ -2139,7 +2214,6 @@ def build_tiny_clip_tokenizer(folder):
 
 def build_tiny_t5_tokenizer(folder):
     """A T5-style Unigram tokenizer (<pad>=0, </s>=1, <unk>=2, then letters) built without sentencepiece."""
-    import os
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
@@ -2181,7 +2255,6 @@ def build_tiny_pipeline(seed: int = 0):
     """A randomly initialised SD3.5-shaped pipeline small enough for a CPU (about 0.2 M parameters):
     MMDiT with a dual-attention layer and RMS qk-norm as SD3.5, a 4x VAE, two CLIPs and a T5.
     Images of 32 to 128 px (8x8 to 32x32 latents)."""
-    import tempfile
 
     from diffusers import (
         AutoencoderKL,
@@ -2255,11 +2328,32 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# 7. The command line
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_config(argv=None, config_class=None, description=None, epilog=None):
+    """The CLI of a config dataclass: every field a flag (--group-size 8), its help from config_field. toy_2d.py
+    uses it for its own Config."""
+
+    config_class = config_class or Config
+    if config_class is Config:
+        description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
+        epilog = "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)"
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    for f in fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        if type(f.default) is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            help = f.metadata["help"] + " (default: %(default)s)"
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
+    return config_class(**vars(parser.parse_args(argv)))
+
+
 def rerun_command(argv=None, resume: bool = True) -> str:
     """The command line of this run as it was launched, with --resume (or without it)."""
-    import os
-    import shlex
-    import sys
 
     args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--resume", "--no-resume")]
     args += ["--resume"] if resume else []
@@ -2276,7 +2370,6 @@ def rerun_command(argv=None, resume: bool = True) -> str:
 
 def interrupted_message(cfg: Config, argv=None) -> str:
     """One line after Ctrl-C: the last checkpoint, and the command that continues from it."""
-    import os
 
     command = rerun_command(argv)
     checkpoint = latest_checkpoint(cfg.out)
@@ -2291,12 +2384,41 @@ def interrupted_message(cfg: Config, argv=None) -> str:
     return f"interrupted before the run started, nothing to resume; start it again: {rerun_command(argv, resume=False)}"
 
 
-def main(argv=None):
-    import contextlib
-    import io
-    import os
-    import sys
+def plot_main(argv):
+    """python flow_grpo.py --plot RUN [RUN ...]: curves.png of finished runs."""
 
+    parser = argparse.ArgumentParser(
+        prog="flow_grpo.py --plot",
+        description="Draw the curves of finished runs from their metrics.jsonl (the figure "
+        "training writes to OUT/curves.png at each evaluation); several runs are overlaid, one colour each.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="the output folder (--out) of a run")
+    parser.add_argument(
+        "--output", default="", help="PNG to write (default: RUN/curves.png for one run, ./curves.png for several)"
+    )
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if not read_metrics(run):
+            print(
+                f"error: {run} holds no logged steps (no {os.path.join(run, 'metrics.jsonl')}): pass the --out "
+                "folder of a run that has taken a step",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+    output = args.output or (os.path.join(args.runs[0], "curves.png") if len(args.runs) == 1 else "curves.png")
+    try:
+        drawn = write_curves(args.runs, output)
+    except OSError as error:
+        print(
+            f"error: cannot write {output}: {error.strerror}: pass --output FILE in a writable folder", file=sys.stderr
+        )
+        sys.exit(2)
+    if not drawn:
+        sys.exit(1)
+    print(f"wrote {output}")
+
+
+def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["--plot"]:  # a figure of finished runs, not a training run
         return plot_main(args[1:])
