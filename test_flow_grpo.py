@@ -2533,6 +2533,31 @@ def test_a_second_run_on_the_folder_is_refused_and_ctrl_c_prints_how_to_continue
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 2))
 
 
+def test_an_fp16_overflow_is_counted_apart_but_a_non_finite_loss_is_a_skipped_update(tmp_path):
+    # update_policy with loss scaling: an overflowing gradient from finite losses is the scaler lowering its
+    # scale (no divergence, the streak untouched); the same outcome from a NaN loss is a non-finite update.
+    cfg = tiny_config(tmp_path / "out")
+    param = torch.nn.Parameter(torch.zeros(3))
+    scaler = F.grad_scaler(torch.float16, torch.device("cpu"))
+    learner = F.Learner([param], [param.detach().clone()], F.make_optimizer([param], cfg), scaler)
+    dist, stats = F.Distributed(0, 1, torch.device("cpu")), F.StepStats()
+    finite = dict(loss=1.0, policy_loss=1.0, kl=0.0, approx_kl=0.0, clip_fraction=0.0)
+
+    def update(loss, grad):
+        scaler.scale(torch.ones(()))  # as train()'s scaler.scale(loss).backward() before each update
+        stats.add({**finite, "loss": loss}, torch.ones(2))
+        param.grad = torch.full((3,), grad)
+        F.update_policy(learner, stats, cfg, dist, step=1)
+        counts = (stats.overflow_updates, stats.nonfinite_updates, learner.nonfinite_in_a_row, learner.optimizer_step)
+        return counts
+
+    assert update(loss=1.0, grad=math.inf) == (1, 0, 0, 0)
+    assert update(loss=math.nan, grad=math.nan) == (1, 1, 1, 0)
+    assert update(loss=1.0, grad=math.inf) == (2, 1, 1, 0)  # the NaN loss of the last update does not stick
+    assert update(loss=1.0, grad=1.0) == (2, 1, 0, 1)  # applied: the streak ends
+    assert torch.isfinite(param).all() and (param != 0).all()
+
+
 def test_non_finite_updates_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_objective = F.grpo_step_objective
