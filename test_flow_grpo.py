@@ -2591,6 +2591,32 @@ def test_constant_rewards_skip_the_update(tmp_path, bad_rewards):
     assert all(torch.all(p == 0) for n, p in run.transformer.named_parameters() if "lora_B" in n)
 
 
+def test_a_batch_without_informative_samples_costs_no_forward(tmp_path, monkeypatch):
+    # One optimizer step over two batches, the first holding only a constant group: its weights are all 0, so
+    # its gradient would be 0; train() skips its forwards, and the logged parts average the other batch only.
+    real_advantages, real_step_loss = F.step_advantages, F.step_loss
+    trained = []
+
+    def first_group_constant(all_rewards, image_prompts, cfg):
+        advantages = real_advantages(all_rewards, image_prompts, cfg)
+        advantages[: cfg.group_size] = 0
+        return advantages
+
+    def step_loss_spy(transformer, batch, j, *args):
+        trained.append((batch.prompts[0], j))
+        return real_step_loss(transformer, batch, j, *args)
+
+    monkeypatch.setattr(F, "step_advantages", first_group_constant)
+    monkeypatch.setattr(F, "step_loss", step_loss_spy)
+    cfg = tiny_config(tmp_path / "out", updates_per_step=1)
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    second_prompt = F.prompts_for_step(F.BUILTIN_PROMPTS, cfg.groups_per_step, 0, cfg.seed)[1]
+    assert trained == [(second_prompt, j) for j in range(3)]  # int(4 * 0.99) = 3 trained steps
+    assert record["optimizer_steps"] == 1 and record["zero_std_group_ratio"] == 0.5
+    assert all(math.isfinite(record[name]) for name in ("loss", "policy_loss", "approx_kl", "clip_fraction"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Data parallel: torchrun with 2 CPU processes (gloo)
 # ------------------------------------------------------------------------------------------------
