@@ -2451,6 +2451,16 @@ def test_resume_skips_a_damaged_newest_checkpoint_with_one_warning(checkpointed,
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
+def test_a_resumed_run_evaluates_the_base_model_only_when_it_starts_from_step_0(checkpointed, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    shutil.copytree(checkpointed[1], out)
+    real_evaluate, evaluated = F.evaluate, []
+    monkeypatch.setattr(F, "evaluate", lambda *args: evaluated.append(args[-1]) or real_evaluate(*args))
+    F.train(tiny_config(out, max_steps=3, save_every=1, resume=True))
+    assert evaluated == [3]  # the last step's evaluation; not step 0's again
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
 def test_resume_with_every_checkpoint_damaged_stops_with_one_line(checkpointed, tmp_path):
     whole = checkpointed[1]
     out = tmp_path / "out"
