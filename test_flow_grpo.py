@@ -1411,6 +1411,25 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
     assert cosine >= 0.99
 
 
+def test_an_fp16_run_scales_its_losses_and_updates_with_the_fp32_gradient(tmp_path, monkeypatch):
+    # The whole train() in fp16 (it runs on a CPU at this size): the gradient the optimizer step receives is
+    # the loss scale times the fp32 run's gradient (same seeds; the fp16 rollouts differ slightly).
+    real_sum_gradients, norms = F.sum_gradients, {}
+
+    def spy(params, dist):  # called by optimizer_update before unscaling
+        norms.setdefault(dtype, []).append(torch.cat([p.grad.flatten() for p in params]).double().norm().item())
+        return real_sum_gradients(params, dist)
+
+    monkeypatch.setattr(F, "sum_gradients", spy)
+    for dtype in ("fp32", "fp16"):
+        F.train(tiny_config(tmp_path / dtype, dtype=dtype, beta=0.0))
+    (record,) = read_metrics(tmp_path / "fp16")
+    assert record["optimizer_steps"] == 2 and record["fp16_overflow_updates"] == 0
+    ratios = [fp16 / record["loss_scale"] / fp32 for fp16, fp32 in zip(norms["fp16"], norms["fp32"])]
+    print(f"fp16 gradient / loss scale / fp32 gradient, per update: {ratios}")
+    assert len(ratios) == 2 and all(0.5 < r < 2 for r in ratios)
+
+
 def fp32_activations_saved_in_lora_layers(transformer, run, *args):
     """Count the fp32 tensors, other than the LoRA weights themselves, that the LoRA layers save for backward."""
     from peft.tuners.lora import LoraLayer
