@@ -2646,6 +2646,15 @@ def test_a_batch_without_informative_samples_costs_no_forward(tmp_path, monkeypa
     assert all(math.isfinite(record[name]) for name in ("loss", "policy_loss", "approx_kl", "clip_fraction"))
 
 
+def test_every_lora_parameter_has_a_zero_gradient_before_the_first_update(tmp_path):
+    # A rank whose batches of an optimizer step hold no informative sample runs no backward before it, yet
+    # its sum_gradients must all-reduce a gradient of the same shape as the other ranks': zeros, not None.
+    run = F.start_run(tiny_config(tmp_path / "out"), F.Distributed(0, 1, torch.device("cpu")))
+    params = run.learner.params
+    assert params and all(p.grad is not None and p.grad.shape == p.shape and not p.grad.any() for p in params)
+    F.unlock_output_folder(str(tmp_path / "out"))
+
+
 # ------------------------------------------------------------------------------------------------
 # Data parallel: torchrun with 2 CPU processes (gloo)
 # ------------------------------------------------------------------------------------------------
