@@ -2686,22 +2686,21 @@ def record_update_gradients():
     return recorded
 
 
-def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path, monkeypatch):
-    import shutil
+def torchrun_two_processes(*args):
+    """`torchrun --standalone --nproc_per_node=2 ARGS`, one CPU thread per process, hub offline."""
     import subprocess
 
+    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [torchrun, "--standalone", "--nproc_per_node=2", *map(str, args)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     script = tmp_path / "ddp.py"
     script.write_text(TORCHRUN_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = torchrun_two_processes(script)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
@@ -2724,24 +2723,8 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
 
 
 def test_torchrun_prints_a_usage_error_once(tmp_path, monkeypatch, capsys):
-    import subprocess
-
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
     out = tmp_path / "run"
-    command = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node=2",
-        F.__file__,
-        *TINY_FLAGS,
-        "--eval-every",
-        "0",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300, check=False
-    )
+    result = torchrun_two_processes(F.__file__, *TINY_FLAGS, "--eval-every", "0", "--out", out)
     said = [line for line in (result.stdout + result.stderr).splitlines() if "--eval-every 0" in line]
     assert result.returncode != 0 and said == ["error: --eval-every 0: use 1 or more steps between evaluations"]
     assert not out.exists()
@@ -2777,22 +2760,10 @@ CACHE_PROMPTS = [f"a painting of a lighthouse, variation {i}" for i in range(100
 
 
 def test_two_processes_write_one_text_cache_equal_to_a_single_process_one(tmp_path):
-    import shutil
-    import subprocess
-
     out = str(tmp_path / "run")
     script = tmp_path / "cache.py"
     script.write_text(TORCHRUN_TEXT_CACHE_SCRIPT.format(repo=os.path.dirname(os.path.abspath(F.__file__)), out=out))
-    torchrun = shutil.which("torchrun") or pytest.fail("torchrun is not on PATH")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node=2", str(script)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = torchrun_two_processes(script)
     assert result.returncode == 0, result.stderr[-3000:]
     # Rows 1-100 in chunks of 32: rank 0 encoded rows 1-32 and 65-96, rank 1 the others; the files are
     # byte for byte those of one process encoding everything.
