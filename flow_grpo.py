@@ -1002,7 +1002,7 @@ def seeded(*keys) -> torch.Generator:
 def evaluate_policy(run: Run, cfg: Config, dist: Distributed, step: int) -> dict:
     """evaluate() with the EMA of the LoRA weights loaded (with --ema, the default), else the weights as they are."""
     learner = run.learner
-    with swap_in(learner.params, learner.ema_params if cfg.ema else learner.params):
+    with shown_weights(learner.params, learner.ema_params, cfg):
         return evaluate(run.pipe, run.transformer, cfg, dist, run.reward_fn, run.eval_prompts, run.text_for, step)
 
 
@@ -1060,7 +1060,7 @@ def finish_run(run: Run, cfg: Config, dist: Distributed) -> TrainedRun:
     learner = run.learner
     if dist.main:
         print(effect_size_line(read_metrics(cfg.out)), flush=True)
-        with swap_in(learner.params, learner.ema_params if cfg.ema else learner.params):
+        with shown_weights(learner.params, learner.ema_params, cfg):
             save_lora(run.transformer, run.lora_config, f"{cfg.out}/lora")
     return TrainedRun(run.pipe, run.transformer, learner.params, learner.ema_params)
 
@@ -1419,7 +1419,7 @@ def save_checkpoint(
     os.makedirs(tmp)
     save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}, f"{tmp}/lora.safetensors")
     save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema_params)}, f"{tmp}/ema.safetensors")
-    with swap_in(params, ema_params if cfg.ema else params):
+    with shown_weights(params, ema_params, cfg):
         save_lora(transformer, lora_config, tmp)
     torch.save(optimizer.state_dict(), f"{tmp}/optimizer.pt")
     # All sampling noise comes from generators seeded by (seed, step, rank), so the step restores it;
@@ -1820,6 +1820,11 @@ class swap_in:
         with torch.no_grad():
             for p, v in zip(self.params, self.saved):
                 p.copy_(v)
+
+
+def shown_weights(params, ema_params, cfg: Config) -> swap_in:
+    """The weights a run evaluates and saves (lora/, checkpoints), swapped into the LoRA: the EMA with --ema."""
+    return swap_in(params, ema_params if cfg.ema else params)
 
 
 def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_prompts, text_for, step: int):
