@@ -654,11 +654,11 @@ class RolloutBatch(NamedTuple):
     trajectory: Trajectory
 
 
-def score_batches(pipe, reward_fn, batches, dist: Distributed) -> dict:
+def score_batches(pipe, reward_fn, batches, dist: Distributed, step: int) -> dict:
     """Each reward component of every image of the step (all ranks, in rank order): decode the final latents
     and score them, one batched reward call per rollout batch."""
     scores = {}
-    for batch in progress(batches, "reward", dist):
+    for batch in progress(batches, f"step {step} reward", dist):
         images = decode_images(pipe, batch.trajectory.latents[:, -1])
         for name, value in score(reward_fn, images, batch.prompts).items():
             scores.setdefault(name, []).append(value)
@@ -844,7 +844,7 @@ def train(cfg: Config):
         watch.lap("rollout")
 
         # 2. Reward of each final image.
-        scores = score_batches(pipe, run.reward_fn, batches, dist)  # {component: [all images of the step]}
+        scores = score_batches(pipe, run.reward_fn, batches, dist, step + 1)  # {component: [all images of the step]}
         watch.lap("reward")
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
