@@ -251,6 +251,19 @@ def test_grpo_loss_clips_the_ratio():
     assert grad[0].item() == 0 and grad[1].item() == pytest.approx(1.5 / 2, rel=1e-6)
 
 
+def test_clip_fraction_counts_ratios_beyond_both_edges():
+    """clip_fraction is the share of ratios outside [1 - eps, 1 + eps], below as well as above (counted by hand)."""
+    ratios = torch.tensor([1.25, 0.8, 1.05, 0.95, 1.0, 0.5, 1.2, 1.0])  # 2 above 1.1, 2 below 0.9, 4 inside
+    log_prob, old = torch.log(ratios), torch.zeros(8)
+    out = F.grpo_step_objective(log_prob, old, torch.ones(8), clip_range=0.1)
+    assert out.clip_fraction.item() == pytest.approx(4 / 8)
+    below_only = F.grpo_step_objective(log_prob[[1, 2, 5]], old[:3], torch.ones(3), clip_range=0.1)
+    assert below_only.clip_fraction.item() == pytest.approx(2 / 3)  # 0.8 and 0.5: none above
+    weights = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0])  # as train() weights: one below, one inside
+    weighted = F.grpo_step_objective(log_prob, old, torch.ones(8), clip_range=0.1, weights=weights)
+    assert weighted.clip_fraction.item() == pytest.approx(0.5)
+
+
 def test_gaussian_kl_takes_a_float_std():
     g = torch.Generator().manual_seed(11)
     mean, ref_mean = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
@@ -365,10 +378,14 @@ def test_ratio_norm_centres_the_log_ratio_at_every_step():
     assert max_over_min["normalised"] < max_over_min["plain"]
 
 
-def test_ratio_norm_objective_is_the_official_grpo_guard_one():
-    """Official `scripts/train_sd3_GRPO_Guard.py` (config.rationorm), computed directly: with
-    std_dev_t = sigma_t and sqrt_dt = sqrt(|dt|), bias = mean((mean - mean_old)^2) / (2 (sqrt_dt sigma_t)^2),
-    ratio = exp((log p - log p_old + bias) sqrt_dt sigma_t), policy_loss = mean(clipped surrogate) / sqrt_dt^2."""
+def test_ratio_norm_objective_is_grpo_guards_with_the_papers_per_sample_bias():
+    """GRPO-Guard's objective (config.rationorm of the official `scripts/train_sd3_GRPO_Guard.py`, main(), fork
+    ltt0716/flow_grpo_official at f9a5c45) computed directly, with ONE deliberate difference: the bias is per
+    sample, bias_i = mean over dims of (mean_i - mean_old_i)^2 / (2 (sqrt_dt sigma_t)^2), the paper's RatioNorm.
+    The official line takes `.mean(dim=tuple(range(1, log_prob.ndim)))` of that square; log_prob is one number
+    per sample, so the tuple is empty, torch reads it as every dim, and the official bias is ONE batch mean per
+    micro-batch. Everything else is the official formula: ratio = exp((log p - log p_old + bias) sqrt_dt
+    sigma_t), policy_loss = mean(clipped surrogate) / sqrt_dt^2."""
     g = torch.Generator().manual_seed(15)
     x, v_old, noise = (torch.randn(5, 2, 6, generator=g, dtype=torch.float64) for _ in range(3))
     v = (v_old + 0.3 * noise).requires_grad_()
@@ -1224,6 +1241,24 @@ def test_first_update_is_on_policy_and_metrics_are_logged(trained):
     assert os.path.exists(f"{folder}/eval_00000.png") and os.path.exists(f"{folder}/eval_00001.png")
 
 
+def test_no_cfg_is_a_valid_recipe_that_trains(tmp_path, monkeypatch):
+    """--guidance-scale 1 (the official Fast no-CFG recipe): the flags pass, every forward is the conditional one
+    alone (as many text rows as latents: no negative prompt), the first update is on-policy and the LoRA moves."""
+    cfg = tiny_config(tmp_path / "out", guidance_scale=1.0)
+    F.check_flags(cfg)
+    rows, real_guided_velocity = [], F.guided_velocity
+    monkeypatch.setattr(
+        F,
+        "guided_velocity",
+        lambda tr, x, t, text, w: rows.append((len(x), len(text.embeds))) or real_guided_velocity(tr, x, t, text, w),
+    )
+    run = F.train(cfg)
+    assert rows and all(images == text_rows for images, text_rows in rows)
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    assert any(p.abs().sum() > 0 for n, p in run.transformer.named_parameters() if "lora_B" in n)
+
+
 def test_training_changes_the_lora_and_nothing_else(trained):
     run, _ = trained
     fresh = F.build_tiny_pipeline().transformer.state_dict()
@@ -1680,6 +1715,20 @@ def test_an_update_is_a_hand_computed_clipped_adamw_step():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-7, atol=1e-9)
 
 
+def test_fp16_loss_scaling_clips_the_true_gradient_not_the_scaled_one():
+    """Under fp16 the accumulated gradient is S g (S: the loss scale, 65536 at the start). The norm compared with
+    --max-grad-norm must be |g|'s: a true gradient under the limit is applied whole although S |g| is far above it,
+    and one over the limit is cut to it exactly (plain SGD with lr 1 shows the update applied)."""
+    dist = F.Distributed(0, 1, torch.device("cpu"))
+    for true_gradient, applied in (([0.3, 0.4], [0.3, 0.4]), ([3.0, 4.0], [0.6, 0.8])):  # norms 0.5 and 5
+        p = torch.nn.Parameter(torch.zeros(2))
+        optimizer, scaler = torch.optim.SGD([p], lr=1.0), F.grad_scaler(torch.float16, torch.device("cpu"))
+        assert scaler.is_enabled() and scaler.get_scale() * 0.5 > 1.0  # the scaled norm is above the limit
+        scaler.scale((p * torch.tensor(true_gradient)).sum()).backward()  # p.grad = S g
+        assert F.optimizer_update([p], optimizer, scaler, dist, max_grad_norm=1.0) == "applied"
+        torch.testing.assert_close(-p.detach(), torch.tensor(applied))
+
+
 def test_ema_update_follows_the_official_warm_up_decay():
     ema, p = [torch.tensor([0.0, 10.0])], [torch.tensor([1.0, 0.0])]
     F.ema_update(ema, p, optimizer_step=1)  # decay min(2 / 11, 0.9): mostly the new weights early on
@@ -1745,6 +1794,31 @@ def test_images_reach_the_reward_with_their_own_prompts_and_eval_uses_the_ema(tm
     assert any(not torch.equal(got, p) for got, p in zip(evaluated[-1], run.params))
 
 
+def test_without_ema_evaluation_checkpoints_and_lora_hold_the_trained_weights(tmp_path, monkeypatch):
+    """--no-ema: the evaluation, each checkpoint's diffusers LoRA and lora/ are the trained LoRA, not the EMA (which
+    is still kept, and differs). With --ema (the default) the same three hold the EMA: test_images_reach_the_reward_...
+    (evaluation), test_each_checkpoint_holds_the_ema_lora_... and test_saved_lora_loads_in_diffusers_and_reproduces_...
+    """
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    evaluated, real_evaluate = [], F.evaluate
+
+    def evaluate_spy(pipe, transformer, *args):
+        evaluated.append([p.detach().clone() for p in F.lora_parameters(transformer)])
+        return real_evaluate(pipe, transformer, *args)
+
+    monkeypatch.setattr(F, "evaluate", evaluate_spy)
+    run = F.train(tiny_config(tmp_path / "out", ema=False, save_every=1))
+    assert any(not torch.equal(p, e) for p, e in zip(run.params, run.ema_params))  # showing the EMA would show
+    assert all(torch.equal(got, want) for got, want in zip(evaluated[-1], run.params))
+    trained = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(run.transformer).items()}
+    for folder in (tmp_path / "out" / "lora", tmp_path / "out" / "checkpoints" / "step_000001"):
+        saved = load_file(folder / "pytorch_lora_weights.safetensors")
+        assert len(saved) == len(trained) == 2 * 15  # A and B of 15 adapted projections
+        assert all(torch.equal(saved[k].flatten(), trained[k.removeprefix("transformer.")].flatten()) for k in saved)
+
+
 def write_prompts(folder, prompts):
     path = folder / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n")
@@ -1766,6 +1840,42 @@ def test_rollout_noise_comes_from_the_seeded_generators_only(tmp_path, monkeypat
         assert torch.equal(p1, p2)
 
 
+SAMPLE = F.sample
+
+
+def spy_on_rollouts(monkeypatch):
+    """The arguments of every sample() call of a run (rollouts and evaluations), by name."""
+    import inspect
+
+    calls, real_sample = [], F.sample
+    signature = inspect.signature(SAMPLE)  # real_sample may be another test's spy
+
+    def spy(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(F, "sample", spy)
+    return calls
+
+
+def test_each_step_draws_fresh_noise_and_every_rollout_step_is_stochastic(tmp_path, monkeypatch):
+    """Plain Flow-GRPO: the initial noise of a rollout batch is new at every step, and is the draw of the generator
+    seeded by (seed, step, the batch's place in the step); every denoising step of the rollout is an SDE step at the
+    run's noise level, the last one included, although it is never trained."""
+    calls = spy_on_rollouts(monkeypatch)
+    cfg = tiny_config(tmp_path / "out", max_steps=2, eval_num_steps=3, noise_level=0.6)  # eval: 3 steps, told apart
+    F.train(cfg)
+    rollouts = [c for c in calls if len(c["sigmas"]) == cfg.num_steps + 1]
+    assert len(rollouts) == 2 * 2  # 2 steps x 2 batches of 4 images
+    for i, call in enumerate(rollouts):
+        step, place = divmod(i, 2)
+        expected = torch.randn(4, 16, 8, 8, generator=F.seeded(cfg.seed, step, place))
+        assert torch.equal(call["latents"], expected), (step, place)
+        assert list(call["noise_levels"]) == [0.6] * cfg.num_steps  # the last step's too
+    assert not torch.equal(rollouts[0]["latents"], rollouts[2]["latents"])  # step 2 does not reuse step 1's noise
+    assert not torch.equal(rollouts[0]["latents"], rollouts[1]["latents"])  # nor one batch another's
+
+
 def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, monkeypatch):
     log_probs, real_sample = [], F.sample
 
@@ -1775,15 +1885,19 @@ def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, mo
         return out
 
     monkeypatch.setattr(F, "sample", spy)
+    calls = spy_on_rollouts(monkeypatch)  # wraps the log-prob spy: the noise levels each rollout was given
     cfg = tiny_config(tmp_path / "out", sde_window=2, num_steps=8, max_steps=2)
     F.train(cfg)
     rollouts = [lp for lp in log_probs if lp.shape[1] == 8]  # evaluation runs 4 steps
-    assert len(rollouts) == 2 * 2
+    levels = [list(c["noise_levels"]) for c in calls if len(c["sigmas"]) == 9]
+    assert len(rollouts) == len(levels) == 2 * 2
     for step in range(2):
         window, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, step))
         rollout = torch.cat(rollouts[2 * step : 2 * step + 2])
         for j in range(8):  # an ODE step has no density: 0; an SDE step a finite, nonzero log-prob
             assert bool(torch.all(rollout[:, j] != 0)) == (j in window), (step, j)
+        for batch_levels in levels[2 * step : 2 * step + 2]:
+            assert batch_levels == [cfg.noise_level if j in window else 0.0 for j in range(8)]
 
 
 def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
@@ -1791,7 +1905,7 @@ def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
     expected = diffusers_sample(tiny_pipe, ["a cat", "a dog"], latents, 3, output_type="np")
     final = diffusers_sample(tiny_pipe, ["a cat", "a dog"], latents, 3)
     ours = np.stack([np.asarray(image) for image in F.decode_images(tiny_pipe, final)])
-    assert np.abs(ours.astype(float) - np.round(expected * 255)).max() <= 1
+    assert np.array_equal(ours, np.round(expected * 255).astype(np.uint8))  # rounded, as diffusers: not truncated
 
 
 def test_fp16_checkpoint_keeps_the_loss_scale(tiny_pipe, tmp_path):
@@ -2478,6 +2592,47 @@ def test_a_resumed_run_evaluates_the_base_model_only_when_it_starts_from_step_0(
     F.train(tiny_config(out, max_steps=3, save_every=1, resume=True))
     assert evaluated == [3]  # the last step's evaluation; not step 0's again
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_resume_takes_the_newest_of_several_intact_checkpoints(checkpointed):
+    from safetensors.torch import load_file
+
+    folder = checkpointed[1] / "checkpoints"
+    assert sorted(os.listdir(folder)) == ["step_000001", "step_000002"]
+    transformer, _ = F.add_lora(F.build_tiny_pipeline().transformer, tiny_config(folder))
+    params = F.lora_parameters(transformer)
+    ema = [p.detach().clone() for p in params]
+    steps = F.resume_checkpoint(str(checkpointed[1]), params, ema, F.make_optimizer(params, tiny_config(folder)))
+    state = json.loads((folder / "step_000002" / "state.json").read_text())
+    assert steps == (2, state["optimizer_step"])
+    newest, older = (load_file(folder / f"step_00000{k}" / "lora.safetensors") for k in (2, 1))
+    assert all(torch.equal(p, newest[str(i)]) for i, p in enumerate(params))
+    assert any(not torch.equal(p, older[str(i)]) for i, p in enumerate(params))  # step 1's would show
+
+
+def test_a_resumed_run_draws_nothing_its_checkpoint_does_not_hold(tmp_path):
+    """Resume after step 1 of a 2-step Fast run (the window and the noise are both drawn) with Python's and NumPy's
+    global generators (which no checkpoint holds) and torch's reseeded: step 2 is redone bit for bit. Code that drew
+    from one of them, or a checkpoint that did not restore torch's, would show here."""
+    import random
+
+    from safetensors.torch import load_file
+
+    cfg = tiny_config(tmp_path / "whole", max_steps=2, save_every=1, sde_window=1, num_steps=4)
+    F.train(cfg)
+    out = tmp_path / "resumed"
+    shutil.copytree(cfg.out, out)
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    shutil.rmtree(out / "lora")
+    random.seed(1234)
+    np.random.seed(1234)
+    torch.manual_seed(1234)
+    F.train(dataclasses.replace(cfg, out=str(out), resume=True))
+    whole, resumed = (load_file(f"{d}/lora/pytorch_lora_weights.safetensors") for d in (cfg.out, out))
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    seconds = [k for k in read_metrics(out)[1] if k.startswith("seconds_")]
+    strip = [{k: v for k, v in r.items() if k not in seconds} for r in (read_metrics(cfg.out)[1], read_metrics(out)[1])]
+    assert strip[0] == strip[1]
 
 
 def test_resume_with_every_checkpoint_damaged_stops_with_one_line(checkpointed, tmp_path):
