@@ -255,8 +255,11 @@ def normalised_log_ratio(log_prob, old_log_prob, mean, old_mean, std) -> torch.T
     positive advantage rarely reaches the clip at 1 + eps), and its spread ~ |delta| / std changes with
     the step's std. RatioNorm adds the bias back and multiplies by std:
         log r^_j = std * (log r_j + mean(delta^2) / (2 std^2)) = mean(eps * delta)
-    which has mean 0 at every step. Official `scripts/train_sd3_GRPO_Guard.py`, `main()` (config.rationorm;
-    std there is sqrt_dt * sigma_t, read from copies of the official file in forks of yifan123/flow_grpo).
+    which has mean 0 at every step. Official `scripts/train_sd3_GRPO_Guard.py`, `main()` (config.rationorm; fork
+    ltt0716/flow_grpo_official at f9a5c45; std there is sqrt_dt * sigma_t), with one difference kept on purpose: its
+    bias is `.mean(dim=tuple(range(1, log_prob.ndim)))` of the squared mean difference, an empty tuple for the
+    per-sample log_prob, which torch reads as every dim: ONE batch mean per micro-batch, where ours (the paper's)
+    is each sample's own.
     log_prob, old_log_prob: [B]; mean, old_mean: [B, ...]; std: a float or one value per sample.
     """
     std = _one_per_sample(std, log_prob)
@@ -452,15 +455,19 @@ LORA_TARGETS += ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
-    """SD3 pipeline from an alias, a hub id, a local diffusers folder or 'tiny'."""
+    """SD3 pipeline from an alias, a hub id, a local diffusers folder or 'tiny', its models in dtype but the VAE,
+    loaded in fp32: it decodes in fp32 as the official `scripts/train_sd3.py`, main(), does, and a VAE loaded in
+    bf16 and then cast up would decode with rounded weights. Under fp16 transformers keeps T5's `wo` in fp32
+    (T5EncoderModel._keep_in_fp32_modules); the official code casts it to fp16 with `.to()` and relies on T5's
+    clamping of overflowed activations: we keep transformers' choice, the encoder's output without the clamp."""
     if model == "tiny":
-        pipe = build_tiny_pipeline()
-        return pipe if dtype == torch.float32 else pipe.to(dtype)
-    from diffusers import StableDiffusion3Pipeline
+        return cast_as_loaded(build_tiny_pipeline(), dtype)
+    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
     model = resolve_model(model)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(model, dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32)
+        return StableDiffusion3Pipeline.from_pretrained(model, vae=vae, dtype=dtype)
     except OSError as error:
         raise UsageError(
             f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the "
@@ -946,7 +953,6 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     pipe = load_pipeline(cfg.model, dtype)
     text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device, dist.rank, dist.world)
     pipe.to(dist.device)
-    pipe.vae.to(torch.float32)  # decode in fp32, as the official `scripts/train_sd3.py`, `main()`
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, cfg)
     if cfg.gradient_checkpointing:
@@ -2254,6 +2260,25 @@ def tiny_clip_text_config(tokenizer, hidden_size=32, projection_dim=32):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def to_loaded_dtype(model, dtype: torch.dtype):
+    """A model built in fp32, in the dtypes from_pretrained(dtype=...) would load it in: every floating tensor in dtype
+    but, under fp16, the modules transformers keeps in fp32 (T5's `wo`: T5EncoderModel._keep_in_fp32_modules)."""
+    torch.nn.Module.to(model, dtype=dtype)  # nn.Module's: diffusers' .to() warns about an empty fp32 list
+    if dtype == torch.float16:
+        keep = getattr(model, "_keep_in_fp32_modules", None) or []
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in keep:
+                module.float()
+    return model
+
+
+def cast_as_loaded(pipe, dtype: torch.dtype):
+    """The tiny pipeline in the dtypes load_pipeline gives a real one: the VAE fp32, the other models as loaded."""
+    for model in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        to_loaded_dtype(model, dtype)
+    return pipe
 
 
 def build_tiny_pipeline(seed: int = 0):

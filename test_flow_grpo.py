@@ -1938,6 +1938,29 @@ def test_fp16_checkpoint_keeps_the_loss_scale(tiny_pipe, tmp_path):
     )
 
 
+def test_the_vae_is_loaded_in_fp32_and_t5_as_transformers_loads_it(tiny_pipe, tmp_path):
+    """load_pipeline, from a diffusers folder and for the tiny model: the VAE holds the saved fp32 weights bit for bit
+    under bf16 and fp16 (loaded in bf16 and cast up, as before, it decoded with rounded weights: the pixels below
+    change); the transformer and text encoders are in the base dtype, T5's `wo` in fp32 under fp16 only."""
+    import copy
+
+    tiny_pipe.save_pretrained(tmp_path / "sd3")
+    saved = dict(tiny_pipe.vae.named_parameters())
+    for model in (str(tmp_path / "sd3"), "tiny"):
+        for dtype in (torch.bfloat16, torch.float16):
+            pipe = F.load_pipeline(model, dtype)
+            assert all(torch.equal(p, saved[name]) for name, p in pipe.vae.named_parameters()), (model, dtype)
+            assert pipe.transformer.dtype == pipe.text_encoder.dtype == pipe.text_encoder_2.dtype == dtype
+            wo = {m.weight.dtype for name, m in pipe.text_encoder_3.named_modules() if name.endswith(".wo")}
+            assert wo == {torch.float32 if dtype == torch.float16 else dtype}, (model, dtype)
+    rounded = copy.deepcopy(tiny_pipe)
+    rounded.vae.to(torch.bfloat16).to(torch.float32)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    exact, cast = (np.stack([np.asarray(i) for i in F.decode_images(p, latents)]) for p in (tiny_pipe, rounded))
+    print(f"uint8 pixels changed by a VAE rounded to bf16: {np.mean(exact != cast):.1%}")
+    assert np.mean(exact != cast) > 0.01
+
+
 def test_vae_decodes_in_fp32_under_bf16(tmp_path):
     run = F.train(tiny_config(tmp_path / "out", dtype="bf16"))
     assert run.pipe.vae.dtype == torch.float32 and run.pipe.transformer.dtype == torch.bfloat16

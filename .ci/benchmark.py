@@ -258,12 +258,7 @@ def building_on(device, dtype):
 def as_loaded(module, dtype, park):
     """The state from_pretrained(dtype=...) leaves a model in: eval mode, every floating tensor (SD3's fp32 position
     table too) in `dtype` but the modules transformers keeps in fp32 under fp16 (T5's `wo`), on `park`."""
-    torch.nn.Module.to(module, dtype=dtype)  # nn.Module's: diffusers' .to() warns about an empty fp32 list
-    keep = getattr(module, "_keep_in_fp32_modules", None) or []
-    if dtype == torch.float16:
-        for name, sub in module.named_modules():
-            if name.rsplit(".", 1)[-1] in keep:
-                sub.float()
+    fg.to_loaded_dtype(module, dtype)
     module.eval()
     return module.to(park) if park else module
 
@@ -300,8 +295,8 @@ def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
     parts = {}
     with building_on(device, dtype):
         parts["transformer"] = as_loaded(SD3Transformer2DModel(**SD35_MEDIUM["transformer"]), dtype, park)
-    with building_on(device, dtype):
-        parts["vae"] = as_loaded(AutoencoderKL(**SD35_MEDIUM["vae"]), dtype, park)
+    with building_on(device, torch.float32):
+        parts["vae"] = as_loaded(AutoencoderKL(**SD35_MEDIUM["vae"]), torch.float32, park)  # as load_pipeline
     for name, settings in (("text_encoder", SD35_MEDIUM["clip_l"]), ("text_encoder_2", SD35_MEDIUM["clip_g"])):
         with building_on(device, dtype):
             parts[name] = as_loaded(
