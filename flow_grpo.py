@@ -42,7 +42,6 @@ import gc
 import glob
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -631,28 +630,33 @@ def constant_group_fraction(advantages: torch.Tensor, image_prompts) -> float:
     return (informative == 0).float().mean().item()
 
 
-def update_chunks(num_batches: int, updates: int):
-    """The rollout batches of each optimizer step: whole trajectories, contiguous, as even as possible."""
-    bounds = [round(k * num_batches / updates) for k in range(updates + 1)]
-    return [list(range(bounds[k], bounds[k + 1])) for k in range(updates)]
+def loss_weights(advantages: torch.Tensor, updates: int, num_trained_steps: int, world: int, batch_size: int):
+    """Weight of each sample's loss in each optimizer step of the step, [updates, world, batches, batch_size].
 
-
-def loss_weights(advantages: torch.Tensor, chunks, num_trained_steps: int, world: int, batch_size: int) -> torch.Tensor:
-    """Weight of each sample's loss, [world, batches, batch_size]: each optimizer step is the mean over the
-    informative samples (A != 0) of all ranks and the trained steps it accumulates.
-
-    The official loop (`scripts/train_sd3.py`, `main()`) drops the samples of constant-reward groups before
-    training, so its policy loss and KL average over the others only; keeping them in the mean would shrink
-    the policy term against beta * KL wherever many groups are constant (binary rewards). Masking instead of
-    dropping keeps the rollout batches as they were, so the first update stays exactly on-policy. Gradients
-    are then summed over ranks (sum_gradients): the update is the single-process one."""
-    informative = (advantages != 0).float().view(world, -1, batch_size)
-    weights = torch.zeros_like(informative)
-    for chunk in chunks:
-        kept = informative[:, chunk].sum()
-        if kept > 0:
-            weights[:, chunk] = informative[:, chunk] / (kept * num_trained_steps)
-    return weights
+    The official loop (`scripts/train_sd3.py`, `main()`, at ac4c86e and the ltt0716 fork's f9a5c45) drops the
+    samples of constant-reward groups (A = 0), shuffles the others and cuts them into num_batches_per_epoch /
+    gradient_accumulation_steps equal parts (2 in its configs), one optimizer step each, whose loss is the mean
+    over the part's samples and trained steps. Here the informative samples (A != 0) of all ranks, in rollout
+    order (rank after rank, as `advantages`), are cut into `updates` contiguous parts as equal as possible (their
+    sizes differ by one at most), and part k weighs each of its samples 1 / (its size * num_trained_steps), every
+    other sample 0. So each optimizer step averages as many samples as the official one, however the constant
+    groups fall in the rollout batches. What differs, and why: the first update must stay exactly on-policy (its
+    forwards are the rollout's own batches, ratio 1), so samples are masked, not dropped and re-batched; hence
+      - no shuffle: a part is a run of the rollout order (prompt after prompt; with several processes, one
+        process's share after the other's), where the official part is a random half of each GPU's samples;
+      - a rollout batch holding samples of two parts is forwarded in each of their optimizer steps;
+      - the official loop keeps back a few constant-group samples at random so that its count divides into its
+        micro-batches (no policy gradient, but their KL and a larger denominator); none are kept here.
+    Fewer informative samples than updates leave parts empty: those make no optimizer step. Gradients are summed
+    over ranks (sum_gradients), so every optimizer step is the single-process one."""
+    informative = torch.nonzero(advantages != 0).flatten()
+    bounds = [k * len(informative) // updates for k in range(updates + 1)]
+    weights = torch.zeros(updates, advantages.numel())
+    for k in range(updates):
+        part = informative[bounds[k] : bounds[k + 1]]
+        if len(part):
+            weights[k, part] = 1 / (len(part) * num_trained_steps)
+    return weights.view(updates, world, -1, batch_size)
 
 
 class RolloutBatch(NamedTuple):
@@ -822,7 +826,6 @@ def train(cfg: Config):
     sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)  # sigmas[0] = 1 (noise) ... sigmas[T] = 0
     images_per_rank = cfg.groups_per_step * cfg.group_size // dist.world
     num_batches = images_per_rank // cfg.batch_size
-    chunks = update_chunks(num_batches, cfg.updates_per_step)  # the rollout batches of each optimizer step
     if run.start_step == 0:  # the base model, for comparison (printed only: metrics.jsonl has one line per step)
         base = evaluate_policy(run, cfg, dist, 0)
         if dist.main:
@@ -856,18 +859,19 @@ def train(cfg: Config):
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
         advantages = step_advantages(scores["reward"], image_prompts, cfg)  # [all images of the step]
-        weights = loss_weights(advantages, chunks, len(trained_steps), dist.world, cfg.batch_size)  # [world, n, B]
+        weights = loss_weights(advantages, cfg.updates_per_step, len(trained_steps), dist.world, cfg.batch_size)
         my_advantages = advantages.view(dist.world, num_batches, cfg.batch_size)[dist.rank].to(dist.device)
-        my_weights = weights[dist.rank].to(dist.device)
 
         # 4. Policy update (Eq. 5-6, 10) on the rollout's own batches, so the first forward reproduces the
-        #    rollout's exactly (ratio 1); each optimizer step accumulates whole trajectories.
+        #    rollout's exactly (ratio 1); each optimizer step averages an equal share of the informative samples.
         stats = StepStats()
-        for chunk in chunks:
-            if not weights[:, chunk].any():
+        for update in weights:  # [world, batches, B]: this optimizer step's share, 0 elsewhere
+            if not update.any():
                 continue  # no informative sample on any rank: no optimizer step
-            informative = [b for b in chunk if my_weights[b].any()]  # the others' gradient would be 0
-            for b, j in progress(itertools.product(informative, trained_steps), f"step {step + 1} train", dist):
+            my_weights = update[dist.rank].to(dist.device)
+            informative = [b for b in range(num_batches) if my_weights[b].any()]  # the others' gradient would be 0
+            trained = [(b, j) for b in informative for j in trained_steps]
+            for b, j in progress(trained, f"step {step + 1} train", dist):
                 loss, parts, ratio = step_loss(
                     transformer,
                     batches[b],

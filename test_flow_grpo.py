@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -1304,17 +1305,25 @@ def test_groups_are_prompts_even_when_a_prompt_is_drawn_twice():
     assert F.constant_group_fraction(expected, prompts) == 0.5  # "b" was constant, "a" was not
 
 
-def test_loss_weights_average_each_update_over_its_informative_samples():
-    # 2 ranks x 3 batches x 2 images; rank 0's first batch is a constant group (A = 0).
+def test_loss_weights_cut_the_informative_samples_into_equal_shares():
+    # 2 ranks x 3 batches x 2 images, rank after rank; rank 0's first batch is a constant group (A = 0).
     advantages = torch.tensor([0.0, 0, 1, -1, 2, -2, 1, 0, -1, 1, 3, -3])
-    chunks = F.update_chunks(3, 2)
-    assert chunks == [[0, 1], [2]]  # whole batches, as even as possible
-    weights = F.loss_weights(advantages, chunks, num_trained_steps=4, world=2, batch_size=2)
-    assert weights.shape == (2, 3, 2)
-    assert torch.all(weights.flatten()[advantages == 0] == 0) and torch.all(weights.flatten()[advantages != 0] > 0)
-    for chunk in chunks:  # every optimizer step: a mean (weights sum to 1 over samples and trained steps)
-        assert weights[:, chunk].sum().item() * 4 == pytest.approx(1.0)
-    torch.testing.assert_close(weights[0, 1], torch.full((2,), 1 / (5 * 4)))  # chunk 0 holds 5 informative samples
+    weights = F.loss_weights(advantages, 2, num_trained_steps=4, world=2, batch_size=2)
+    assert weights.shape == (2, 2, 3, 2)
+    # 9 informative samples: the first 4 (rank 0) make update 0, the next 5 (rank 1) update 1; each update is a
+    # mean over its samples and the 4 trained steps: 1 / (4 * 4) and 1 / (5 * 4).
+    expected = torch.zeros(2, 12)
+    expected[0, [2, 3, 4, 5]] = 1 / 16
+    expected[1, [6, 8, 9, 10, 11]] = 1 / 20
+    torch.testing.assert_close(weights.view(2, 12), expected, rtol=0, atol=0)
+    # One process holding all 12 images in 6 batches: the same shares (they follow the images, not the ranks).
+    assert torch.equal(F.loss_weights(advantages, 2, 4, world=1, batch_size=2).view(2, 12), weights.view(2, 12))
+    # The shares, weighted by their size, make up the one-update weights: no sample lost or counted twice.
+    whole = F.loss_weights(advantages, 1, 4, world=2, batch_size=2)[0]
+    torch.testing.assert_close(4 / 9 * weights[0] + 5 / 9 * weights[1], whole, rtol=1e-6, atol=0)
+    # Fewer informative samples than updates: an empty share, which makes no optimizer step.
+    one = F.loss_weights(torch.tensor([0.0, 0, 0, 2]), 2, 4, world=1, batch_size=2)
+    assert not one[0].any() and one[1].flatten().tolist() == [0, 0, 0, 0.25]
 
 
 def informative_and_constant_batch(pipe, transformer, cfg, latent_side=8):
@@ -1361,7 +1370,7 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
     cfg = tiny_config(tmp_path, beta=0.0)
     transformer = moved_lora(tiny_pipe, cfg)  # off-policy: the gradient is not the on-policy special case
     batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
-    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
+    weights = F.loss_weights(advantages, 1, num_trained_steps=1, world=1, batch_size=4)[0, 0, 0]
     levels = [cfg.noise_level] * cfg.num_steps
     loss, _, _ = F.step_loss(transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg)
     ours = lora_gradient(transformer, loss)
@@ -1382,7 +1391,7 @@ def test_training_loss_is_policy_plus_beta_times_the_official_kl(tiny_pipe, tmp_
     cfg = tiny_config(tmp_path, beta=0.0)
     transformer = moved_lora(tiny_pipe, cfg)  # the policy has moved away from the reference
     batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
-    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]
+    weights = F.loss_weights(advantages, 1, num_trained_steps=1, world=1, batch_size=4)[0, 0, 0]
     levels = [cfg.noise_level] * cfg.num_steps
     j = 2
     without_kl, _, _ = F.step_loss(
@@ -1430,9 +1439,7 @@ def test_fp16_lora_gradient_matches_fp32_with_loss_scaling(tiny_pipe, tmp_path):
         # 128 px (16k latent dims) and the weight of a sample in an update of 12 such batches x 9 trained
         # steps: per-element gradients as small as a real run's, where fp16 underflows without scaling.
         batch, sigmas, timesteps, advantages = informative_and_constant_batch(pipe, transformer, cfg, latent_side=32)
-        weights = F.loss_weights(advantages.repeat(12), [list(range(12))], num_trained_steps=9, world=1, batch_size=4)[
-            0, 0
-        ]
+        weights = F.loss_weights(advantages.repeat(12), 1, num_trained_steps=9, world=1, batch_size=4)[0, 0, 0]
         levels = [cfg.noise_level] * cfg.num_steps
         loss, _, ratio = F.step_loss(
             transformer, batch, 1, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg
@@ -1668,33 +1675,6 @@ def test_sd35_mediums_block_kinds_compile_within_dynamos_limit(tmp_path):
         for ours, expected in zip(compiled, every_path()):
             torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
     assert counter.graphs == 10
-
-
-def test_each_optimizer_step_averages_whole_trajectories_it_accumulated(tmp_path, monkeypatch):
-    calls = []
-    real_loss, real_update = F.step_loss, F.optimizer_update
-
-    def loss_spy(transformer, batch, j, advantages, weights, *args):
-        calls.append(("loss", batch.trajectory.latents.data_ptr(), j, weights.sum().item()))
-        return real_loss(transformer, batch, j, advantages, weights, *args)
-
-    def update_spy(*args):
-        calls.append(("update",))
-        return real_update(*args)
-
-    monkeypatch.setattr(F, "step_loss", loss_spy)
-    monkeypatch.setattr(F, "optimizer_update", update_spy)
-    # 3 batches, 2 updates: [2 batches], [1 batch]; 3 trained steps each.
-    cfg = tiny_config(tmp_path / "out", groups_per_step=3, batch_size=4, updates_per_step=2)
-    F.train(cfg)
-    updates = [[]]
-    for call in calls:
-        updates[-1].append(call) if call[0] == "loss" else updates.append([])
-    updates = updates[:-1]
-    assert len(updates) == 2
-    assert [len({c[1] for c in u}) for u in updates] == [2, 1]  # whole trajectories, never split
-    for u in updates:
-        assert len(u) == 3 * len({c[1] for c in u}) and sum(c[3] for c in u) == pytest.approx(1.0)
 
 
 def test_an_update_is_a_hand_computed_clipped_adamw_step():
@@ -2955,3 +2935,86 @@ def test_two_processes_write_one_text_cache_equal_to_a_single_process_one(tmp_pa
         embeds, pooled = torch.load(f"{out}/text_rank{rank}.pt", weights_only=True)
         assert torch.equal(embeds, expected.embeds) and torch.equal(pooled, expected.pooled)
     assert sorted(os.listdir(out)) == ["text_embeds", "text_rank0.pt", "text_rank1.pt"]  # no temporary folder left
+
+
+# ------------------------------------------------------------------------------------------------
+# Samples per optimizer step and the Flow-GRPO-Fast window per rollout batch (issue 18, section 5)
+# ------------------------------------------------------------------------------------------------
+
+# 6 prompts x 2 images in 3 rollout batches of 4. Hand-built advantages: the first 6 images informative, the
+# last 6 not. Contiguous rollout batches per optimizer step ([0, 1], [2]) would give the second optimizer step
+# no informative sample; equal shares are images 0-2 (batch 0) and 3-5 (batch 0 again, and batch 1).
+SIX_PROMPTS = dict(group_size=2, groups_per_step=6, batch_size=4, updates_per_step=2)
+HAND_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.3, -0.3, 0, 0, 0, 0, 0, 0])
+
+
+def spy_on_training(monkeypatch):
+    """What train() does in its steps: the noise levels and log-probs of each rollout (in order), and every
+    step_loss call as (optimizer step, rollout batch, j, weights, ratio)."""
+    seen = types.SimpleNamespace(rollouts=[], levels=[], log_probs=[], calls=[], updates=0)
+    real_sample, real_loss, real_update = F.sample, F.step_loss, F.optimizer_update
+
+    def sample_spy(*args, **kwargs):
+        out = real_sample(*args, **kwargs)
+        if any(args[6]):  # the rollouts (the evaluation is the ODE: all 0)
+            seen.rollouts.append(out.latents.data_ptr())
+            seen.levels.append(list(args[6]))
+            seen.log_probs.append(out.log_probs)
+        return out
+
+    def loss_spy(transformer, batch, j, advantages, weights, *args):
+        loss, parts, ratio = real_loss(transformer, batch, j, advantages, weights, *args)
+        b = seen.rollouts.index(batch.trajectory.latents.data_ptr())
+        seen.calls.append((seen.updates, b, j, weights.clone(), ratio))
+        return loss, parts, ratio
+
+    def update_spy(*args):
+        seen.updates += 1
+        return real_update(*args)
+
+    monkeypatch.setattr(F, "sample", sample_spy)
+    monkeypatch.setattr(F, "step_loss", loss_spy)
+    monkeypatch.setattr(F, "optimizer_update", update_spy)
+    return seen
+
+
+def test_each_optimizer_step_averages_an_equal_share_of_the_informative_samples(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "step_advantages", lambda rewards, prompts, cfg: HAND_ADVANTAGES.clone())
+    seen = spy_on_training(monkeypatch)
+    cfg = tiny_config(tmp_path / "out", **SIX_PROMPTS)
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["optimizer_steps"] == seen.updates == 2  # not 1, as contiguous batches would give
+    # Update 0 forwards batch 0; update 1 forwards batch 0 again (its last image) and batch 1; 3 trained steps.
+    forwards = [[(b, j) for u, b, j, *_ in seen.calls if u == k] for k in range(2)]
+    assert forwards == [[(0, j) for j in range(3)], [(b, j) for b in (0, 1) for j in range(3)]]
+    for k, share in enumerate(([0, 1, 2], [3, 4, 5])):  # each a mean over its 3 images, as the official halves
+        weight = torch.zeros(12)
+        for u, b, j, w, *_ in seen.calls:
+            weight[4 * b : 4 * b + 4] += w if u == k else 0
+        expected = torch.zeros(12)
+        expected[share] = 1 / 3
+        torch.testing.assert_close(weight, expected, rtol=1e-6, atol=0)
+    # The first update is exactly on-policy; batch 0, forwarded again after it, is not.
+    assert record["first_ratio_error"] == 0.0 and all(torch.all(c[4] == 1) for c in seen.calls if c[0] == 0)
+    assert any(torch.any(c[4] != 1) for c in seen.calls if c[:2] == (1, 0))
+
+
+def test_the_optimizer_steps_of_a_step_add_up_to_its_whole_gradient(tmp_path, monkeypatch):
+    # The optimizer steps record their gradient and apply nothing: every share's gradient at the same weights.
+    monkeypatch.setattr(F, "step_advantages", lambda rewards, prompts, cfg: HAND_ADVANTAGES.clone())
+    grads = {}
+
+    def record_only(params, optimizer, scaler, dist, max_grad_norm):
+        grads[updates].append(torch.cat([p.grad.flatten() for p in params]).clone())
+        optimizer.zero_grad(set_to_none=False)
+        return "applied"
+
+    monkeypatch.setattr(F, "optimizer_update", record_only)
+    for updates in (2, 1):
+        grads[updates] = []
+        F.train(tiny_config(tmp_path / f"updates{updates}", **{**SIX_PROMPTS, "updates_per_step": updates}))
+    (whole,) = grads[1]
+    assert len(grads[2]) == 2 and whole.abs().max() > 0
+    # Two shares of 3 images each: the whole step's mean over 6 is the mean of the two.
+    torch.testing.assert_close((grads[2][0] + grads[2][1]) / 2, whole, rtol=1e-5, atol=1e-6 * whole.abs().max())
