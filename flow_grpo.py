@@ -582,14 +582,19 @@ def decode_images(pipe, latents):
 
 
 def sde_and_trained_steps(cfg: Config, generator):
-    """Which steps are stochastic (SDE) and which are trained.
+    """Which steps are stochastic (SDE) and which are trained, for one rollout batch.
 
     Flow-GRPO: all steps are SDE; the first int(T * train_fraction) are trained (not the last one,
     whose std ~0.006 makes its log-prob meaningless). Flow-GRPO-Fast (sde_window K): a window of K
     SDE steps, ODE elsewhere; only the window is trained. The whole window lies in the first half,
     start uniform in [0, T // 2 - K], as the official sde_window_range (0, T // 2) (official
     `config/grpo.py`, the *_fast configs; `flow_grpo/diffusers_patch/sd3_pipeline_with_logprob_fast.py`,
-    `pipeline_with_logprob()`: start = randint(range[0], range[1] - K), read from a fork's copy)."""
+    `pipeline_with_logprob()`: start = randint(range[0], range[1] - K); ltt0716 fork at f9a5c45, the
+    paper-era repository has no fast code). That function draws a window at each call, i.e. per rollout batch
+    and process (Python's `random`, seeded per process by `set_seed(config.seed, device_specific=True)` in
+    `scripts/train_sd3_fast.py`, `main()`), and each sample is trained on its own window. train() draws one per
+    rollout batch too, from a generator seeded by the batch's place in the step instead of the process, so
+    that any process count draws the same windows."""
     if cfg.sde_window:
         start = int(torch.randint(0, cfg.num_steps // 2 - cfg.sde_window + 1, (1,), generator=generator))
         window = list(range(start, start + cfg.sde_window))
@@ -662,7 +667,9 @@ def loss_weights(advantages: torch.Tensor, updates: int, num_trained_steps: int,
 class RolloutBatch(NamedTuple):
     prompts: list  # one per image
     text: TextEmbeddings
-    trajectory: Trajectory
+    trajectory: Trajectory  # latents [B, T+1, C, H, W]
+    noise_levels: list  # a at each step j, 0 (the ODE) outside Flow-GRPO-Fast's window
+    trained_steps: list  # the steps j trained on: the same K for every batch, the window drawn for this one
 
 
 def score_batches(pipe, reward_fn, batches, dist: Distributed, step: int) -> dict:
@@ -832,8 +839,6 @@ def train(cfg: Config):
             print(f"step 0 | eval reward {base['eval_reward']:.5g}", flush=True)
     for step in range(run.start_step, cfg.max_steps):
         watch = Stopwatch(dist.device)
-        sde_steps, trained_steps = sde_and_trained_steps(cfg, seeded(cfg.seed, step))  # the same on every rank
-        noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
         # G images per prompt, prompt after prompt; each rank takes a contiguous share, so a group may span
         # batches and ranks (the official recipe spreads a group of 24 over GPUs).
         image_prompts = per_image(prompts_for_step(run.prompts, cfg.groups_per_step, step, cfg.seed), cfg.group_size)
@@ -844,13 +849,16 @@ def train(cfg: Config):
         for b in progress(range(num_batches), f"step {step + 1} rollout", dist):
             batch_prompts = my_prompts[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             text = run.text_for(batch_prompts, 1)
-            # Seeded by the batch's place in the step, not by the rank: any process count draws the same images.
+            # Seeded by the batch's place in the step, not by the rank: any process count draws the same window
+            # (Flow-GRPO-Fast draws one per rollout batch) and the same images.
             generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
+            sde_steps, trained_steps = sde_and_trained_steps(cfg, generator)
+            noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
             noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
             trajectory = sample(
                 transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator
             )
-            batches.append(RolloutBatch(batch_prompts, text, trajectory))  # latents [B, T+1, C, H, W]
+            batches.append(RolloutBatch(batch_prompts, text, trajectory, noise_levels, trained_steps))
         watch.lap("rollout")
 
         # 2. Reward of each final image.
@@ -859,7 +867,8 @@ def train(cfg: Config):
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
         advantages = step_advantages(scores["reward"], image_prompts, cfg)  # [all images of the step]
-        weights = loss_weights(advantages, cfg.updates_per_step, len(trained_steps), dist.world, cfg.batch_size)
+        num_trained = len(batches[0].trained_steps)  # K per sample, the same for every batch
+        weights = loss_weights(advantages, cfg.updates_per_step, num_trained, dist.world, cfg.batch_size)
         my_advantages = advantages.view(dist.world, num_batches, cfg.batch_size)[dist.rank].to(dist.device)
 
         # 4. Policy update (Eq. 5-6, 10) on the rollout's own batches, so the first forward reproduces the
@@ -870,7 +879,7 @@ def train(cfg: Config):
                 continue  # no informative sample on any rank: no optimizer step
             my_weights = update[dist.rank].to(dist.device)
             informative = [b for b in range(num_batches) if my_weights[b].any()]  # the others' gradient would be 0
-            trained = [(b, j) for b in informative for j in trained_steps]
+            trained = [(b, j) for b in informative for j in batches[b].trained_steps]
             for b, j in progress(trained, f"step {step + 1} train", dist):
                 loss, parts, ratio = step_loss(
                     transformer,
@@ -880,7 +889,7 @@ def train(cfg: Config):
                     my_weights[b],
                     sigmas,
                     timesteps,
-                    noise_levels,
+                    batches[b].noise_levels,
                     step_fn,
                     cfg,
                 )

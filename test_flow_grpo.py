@@ -1332,6 +1332,7 @@ def informative_and_constant_batch(pipe, transformer, cfg, latent_side=8):
     text = F.encode_prompts(pipe, prompts, 1, cfg.guidance_scale, "cpu")
     sigmas, timesteps = F.schedule(pipe, cfg.num_steps, "cpu")
     noise = torch.randn(4, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
+    levels, trained_steps = [cfg.noise_level] * cfg.num_steps, list(range(int(cfg.num_steps * cfg.train_fraction)))
     trajectory = F.sample(
         transformer,
         text,
@@ -1339,10 +1340,11 @@ def informative_and_constant_batch(pipe, transformer, cfg, latent_side=8):
         sigmas,
         timesteps,
         cfg.guidance_scale,
-        [cfg.noise_level] * cfg.num_steps,
+        levels,
         generator=torch.Generator().manual_seed(1),
     )
-    return F.RolloutBatch(prompts, text, trajectory), sigmas, timesteps, torch.tensor([0.0, 0.0, 1.5, -0.5])
+    batch = F.RolloutBatch(prompts, text, trajectory, levels, trained_steps)
+    return batch, sigmas, timesteps, torch.tensor([0.0, 0.0, 1.5, -0.5])
 
 
 def lora_gradient(transformer, loss):
@@ -1379,6 +1381,8 @@ def test_policy_gradient_equals_the_one_with_constant_group_samples_removed(tiny
         batch.prompts[2:],
         F.TextEmbeddings(*(torch.cat([t[:4][2:], t[4:][2:]]) for t in batch.text)),
         F.Trajectory(*(t[2:] for t in batch.trajectory)),
+        batch.noise_levels,
+        batch.trained_steps,
     )
     loss, _, _ = F.step_loss(transformer, kept, 1, advantages[2:], None, sigmas, timesteps, levels, F.sde_step, cfg)
     dropped = lora_gradient(transformer, loss)
@@ -1594,7 +1598,7 @@ def test_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first
             levels,
             generator=torch.Generator().manual_seed(1),
         )
-        batch = F.RolloutBatch(prompts, text, rollout)
+        batch = F.RolloutBatch(prompts, text, rollout, levels, [1])
         loss, parts, delta = F.step_loss(
             transformer,
             batch,
@@ -1856,30 +1860,6 @@ def test_each_step_draws_fresh_noise_and_every_rollout_step_is_stochastic(tmp_pa
     assert not torch.equal(rollouts[0]["latents"], rollouts[1]["latents"])  # nor one batch another's
 
 
-def test_the_fast_window_is_the_only_stochastic_part_of_the_rollout(tmp_path, monkeypatch):
-    log_probs, real_sample = [], F.sample
-
-    def spy(*args, **kwargs):
-        out = real_sample(*args, **kwargs)
-        log_probs.append(out.log_probs)
-        return out
-
-    monkeypatch.setattr(F, "sample", spy)
-    calls = spy_on_rollouts(monkeypatch)  # wraps the log-prob spy: the noise levels each rollout was given
-    cfg = tiny_config(tmp_path / "out", sde_window=2, num_steps=8, max_steps=2)
-    F.train(cfg)
-    rollouts = [lp for lp in log_probs if lp.shape[1] == 8]  # evaluation runs 4 steps
-    levels = [list(c["noise_levels"]) for c in calls if len(c["sigmas"]) == 9]
-    assert len(rollouts) == len(levels) == 2 * 2
-    for step in range(2):
-        window, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, step))
-        rollout = torch.cat(rollouts[2 * step : 2 * step + 2])
-        for j in range(8):  # an ODE step has no density: 0; an SDE step a finite, nonzero log-prob
-            assert bool(torch.all(rollout[:, j] != 0)) == (j in window), (step, j)
-        for batch_levels in levels[2 * step : 2 * step + 2]:
-            assert batch_levels == [cfg.noise_level if j in window else 0.0 for j in range(8)]
-
-
 def test_decoded_images_equal_the_diffusers_pipeline(tiny_pipe):
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     expected = diffusers_sample(tiny_pipe, ["a cat", "a dog"], latents, 3, output_type="np")
@@ -1973,7 +1953,7 @@ def test_cps_window_run_trains_only_the_window(tmp_path):
     run = F.train(cfg)
     (record,) = read_metrics(cfg.out)
     assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
-    sde, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, 0))
+    sde, _ = F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, 0, 0))  # the window of step 1's first batch
     # The rollout of that step, redone: log-probs are recorded exactly in the window (ODE steps have none).
     text = F.encode_prompts(run.pipe, ["a cat"], 4, 4.5, "cpu")
     sigmas, timesteps = F.schedule(run.pipe, 6, "cpu")
@@ -2950,7 +2930,7 @@ HAND_ADVANTAGES = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.3, -0.3, 0, 0, 0, 0, 0, 
 
 def spy_on_training(monkeypatch):
     """What train() does in its steps: the noise levels and log-probs of each rollout (in order), and every
-    step_loss call as (optimizer step, rollout batch, j, weights, ratio)."""
+    step_loss call as (optimizer step, rollout batch, j, weights, ratio, the batch's window fields)."""
     seen = types.SimpleNamespace(rollouts=[], levels=[], log_probs=[], calls=[], updates=0)
     real_sample, real_loss, real_update = F.sample, F.step_loss, F.optimizer_update
 
@@ -2965,7 +2945,7 @@ def spy_on_training(monkeypatch):
     def loss_spy(transformer, batch, j, advantages, weights, *args):
         loss, parts, ratio = real_loss(transformer, batch, j, advantages, weights, *args)
         b = seen.rollouts.index(batch.trajectory.latents.data_ptr())
-        seen.calls.append((seen.updates, b, j, weights.clone(), ratio))
+        seen.calls.append((seen.updates, b, j, weights.clone(), ratio, batch.noise_levels, batch.trained_steps))
         return loss, parts, ratio
 
     def update_spy(*args):
@@ -3018,3 +2998,24 @@ def test_the_optimizer_steps_of_a_step_add_up_to_its_whole_gradient(tmp_path, mo
     assert len(grads[2]) == 2 and whole.abs().max() > 0
     # Two shares of 3 images each: the whole step's mean over 6 is the mean of the two.
     torch.testing.assert_close((grads[2][0] + grads[2][1]) / 2, whole, rtol=1e-5, atol=1e-6 * whole.abs().max())
+
+
+def test_each_rollout_batch_draws_its_own_fast_window_and_trains_on_it(tmp_path, monkeypatch):
+    seen = spy_on_training(monkeypatch)
+    cfg = tiny_config(tmp_path / "out", sde_window=2, num_steps=8, batch_size=2)  # 4 rollout batches
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    # Batch b's window is a function of (seed, step, b) alone: any process count draws the same.
+    windows = [F.sde_and_trained_steps(cfg, F.seeded(cfg.seed, 0, b))[0] for b in range(4)]
+    assert len(seen.rollouts) == 4 and len({tuple(w) for w in windows}) > 1  # they differ within the step
+    for b, window in enumerate(windows):
+        assert len(window) == 2 and window[-1] < 8 // 2
+        assert seen.levels[b] == [0.7 if j in window else 0.0 for j in range(8)]
+        # The ODE steps have no density (0), the window's SDE steps a finite, nonzero log-prob.
+        assert [bool(torch.all(seen.log_probs[b][:, j] != 0)) for j in range(8)] == [j in window for j in range(8)]
+        # Trained exactly on its own window, which the batch carries.
+        calls = [c for c in seen.calls if c[1] == b]
+        assert [c[2] for c in calls] == window and all(c[5:] == (seen.levels[b], window) for c in calls)
+    for k in range(seen.updates):  # each optimizer step a mean: K = 2 trained steps per sample
+        assert sum(c[3].sum().item() for c in seen.calls if c[0] == k) == pytest.approx(1.0)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == seen.updates == 2

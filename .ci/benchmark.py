@@ -1020,7 +1020,7 @@ def count_per_input_flops(args):
 
 def step_shape(cfg, steps=(0,)):
     """Rollout batches per step, transformer inputs per forward (x2 with CFG), trained steps per batch (mean over
-    `steps`: a --sde-window draws its window per step)."""
+    `steps`; a --sde-window trains its K steps wherever each batch's window falls)."""
     trained = [len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, step))[1]) for step in steps]
     return {
         "cfg": cfg,
