@@ -396,7 +396,7 @@ class Config:
     groups_per_step: int = config_field(8, "prompts per step, summed over all ranks (official: 48)")
     batch_size: int = config_field(8, "images per forward pass and rank; a group may span batches and ranks")
     updates_per_step: int = config_field(
-        2, "optimizer steps per rollout step, each on whole trajectories (gradient accumulation in between)"
+        2, "optimizer steps per rollout step, each the mean over an equal share of the informative samples"
     )
     clip_range: float = config_field(
         1e-4, "epsilon of the clipped ratio (log-probs are averaged over dims, hence tiny)"
