@@ -374,6 +374,9 @@ class Config:
         "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' (random CPU model)",
     )
     reward: str = config_field("pickscore", "reward name, weighted mix 'pickscore=1,aesthetic=0.2', or module:function")
+    eval_reward: str = config_field(
+        "", "spec as --reward, scored on the evaluation images next to the training reward (default: --reward)"
+    )
     reward_model_dir: str = config_field("", "NAME=FOLDER[,NAME=FOLDER]: load a reward model from a local folder")
     prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
     eval_prompts: str = config_field("", "held-out prompts for evaluation, one per line (default: a built-in set)")
@@ -902,6 +905,7 @@ def train(cfg: Config):
         record = step_record(step + 1, learner, scores, advantages, image_prompts, stats, watch.seconds)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps:
             record.update(evaluate_policy(run, cfg, dist, step + 1))
+            save_rollout_groups(run, cfg, dist, step + 1, batches, image_prompts, scores["reward"], advantages)
         end_step(record, run, cfg, dist)
     return finish_run(run, cfg, dist)
 
@@ -921,7 +925,8 @@ class Run(NamedTuple):
     transformer: torch.nn.Module  # the LoRA-wrapped transformer
     lora_config: object
     learner: Learner
-    reward_fn: object
+    reward_fn: object  # the training reward (--reward)
+    eval_reward_fn: object  # its components and those of --eval-reward, "reward" still the training one
     text_for: object  # text_for(prompts, repeats) -> TextEmbeddings, one row per image
     prompts: list
     eval_prompts: list
@@ -946,8 +951,6 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     """Everything before the first step, in the order that fails cheapest first: the flags, the prompts, the
     run folder, the reward model, then SD3 (text encoders first: with precompute_text_embeds they leave before
     the transformer arrives), the LoRA, AdamW, and the checkpoint to resume from."""
-    import rewards
-
     check_config(cfg, dist)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
@@ -957,9 +960,7 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
     try:
-        reward_fn = rewards.load_reward(
-            cfg.reward, device=dist.device, model_dirs=reward_model_dirs(cfg.reward_model_dir)
-        )
+        reward_fn, eval_reward_fn = load_rewards(cfg, dist.device)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -986,8 +987,32 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     for p in params:  # a rank with nothing to train in an update still takes part in the all-reduce
         p.grad = torch.zeros_like(p)
     return Run(
-        pipe, transformer, lora_config, learner, reward_fn, text_for, prompts, eval_prompts, start_step, compiles
+        pipe,
+        transformer,
+        lora_config,
+        learner,
+        reward_fn,
+        eval_reward_fn,
+        text_for,
+        prompts,
+        eval_prompts,
+        start_step,
+        compiles,
     )
+
+
+def load_rewards(cfg: Config, device):
+    """(training reward, evaluation reward), loaded together so that a model both name loads once. The
+    evaluation's components are the training ones, then those only --eval-reward names at weight 0: its "reward"
+    stays the training reward (what eval_reward, the effect size and the paper's numbers compare), and each
+    component is scored once. Every model stays on the device: a monitor costs its weights and nothing else."""
+    import rewards
+
+    trained = [name for name, _ in rewards.parse_reward_spec(cfg.reward)]
+    watched = [name for name, _ in rewards.parse_reward_spec(cfg.eval_reward)] if cfg.eval_reward else []
+    spec = ",".join([cfg.reward] + [f"{name}=0" for name in watched if name not in trained])
+    evaluation = rewards.load_reward(spec, device=device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
+    return rewards.Reward(evaluation.components[: len(trained)]), evaluation
 
 
 def make_optimizer(params, cfg: Config):
@@ -1022,7 +1047,7 @@ def evaluate_policy(run: Run, cfg: Config, dist: Distributed, step: int) -> dict
     """evaluate() with the EMA of the LoRA weights loaded (with --ema, the default), else the weights as they are."""
     learner = run.learner
     with shown_weights(learner.params, learner.ema_params, cfg):
-        return evaluate(run.pipe, run.transformer, cfg, dist, run.reward_fn, run.eval_prompts, run.text_for, step)
+        return evaluate(run.pipe, run.transformer, cfg, dist, run.eval_reward_fn, run.eval_prompts, run.text_for, step)
 
 
 def end_step(record: dict, run: Run, cfg: Config, dist: Distributed):
@@ -1046,6 +1071,7 @@ def end_step(record: dict, run: Run, cfg: Config, dist: Distributed):
             flush=True,
         )
     evaluated = f" | eval reward {record['eval_reward']:.5g}" if "eval_reward" in record else ""
+    evaluated += f" | monitor {record['eval_monitor']:.5g}" if "eval_monitor" in record else ""
     seconds = record["seconds_rollout"] + record["seconds_reward"] + record["seconds_train"]
     print(
         f"step {step} | reward {record['reward_mean']:.5g} ± {record['reward_std']:.2g} | kl {record['kl']:.2e}"
@@ -1164,6 +1190,11 @@ def check_flags(cfg: Config):
     except ValueError as error:
         raise UsageError(str(error)) from None
     need(any(weights), "reward", "every weight is 0, so every advantage is 0 and nothing trains: give a nonzero weight")
+    if cfg.eval_reward:  # "" scores the evaluation with the training reward alone
+        try:
+            rewards.parse_reward_spec(cfg.eval_reward)
+        except ValueError as error:
+            raise UsageError(f"--eval-reward: {error}") from None
     unknown = [name for name in reward_model_dirs(cfg.reward_model_dir) if name not in rewards.MODEL_REWARDS]
     need(not unknown, "reward_model_dir", f"only {', '.join(rewards.MODEL_REWARDS)} load a model from a folder")
 
@@ -1266,15 +1297,20 @@ def read_prompts(path: str, builtin):
 
 
 def read_prompt_sets(cfg: Config):
-    """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones when the
-    reward names ocr. With ocr every prompt must quote its text: checked here, before any work."""
+    """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones where a reward
+    scoring them names ocr (--reward: both sets; --eval-reward: the evaluation's). Those prompts must quote their
+    text: checked here, before any work."""
     import rewards
 
-    ocr = "ocr" in [item.partition("=")[0].strip() for item in cfg.reward.split(",")]
+    def names_ocr(spec):
+        return "ocr" in [item.partition("=")[0].strip() for item in spec.split(",")]
+
+    ocr = names_ocr(cfg.reward)
+    eval_ocr = ocr or names_ocr(cfg.eval_reward)
     prompts = read_prompts(cfg.prompts, BUILTIN_OCR_PROMPTS if ocr else BUILTIN_PROMPTS)
-    eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if ocr else BUILTIN_EVAL_PROMPTS)
-    if ocr:
-        for path, chosen in ((cfg.prompts, prompts), (cfg.eval_prompts, eval_prompts)):
+    eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if eval_ocr else BUILTIN_EVAL_PROMPTS)
+    for path, chosen, checked in ((cfg.prompts, prompts, ocr), (cfg.eval_prompts, eval_prompts, eval_ocr)):
+        if checked:
             for prompt in chosen:
                 try:
                     rewards.ocr_target(prompt)
@@ -1334,7 +1370,8 @@ def unlock_output_folder(out: str):
 
 
 # out: the folder may have been moved or named by another path since.
-RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
+# What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor).
+RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_reward"}
 
 
 def check_output_folder(cfg: Config, lock: bool = True):
@@ -1848,8 +1885,12 @@ def shown_weights(params, ema_params, cfg: Config) -> swap_in:
 
 def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_prompts, text_for, step: int):
     """The paper's evaluation: a 40-step ODE (a = 0) with CFG on held-out prompts, one image each,
-    prompts split over the ranks. Returns the mean of every reward component over all ranks."""
+    prompts split over the ranks. Returns the mean over all ranks of every component of reward_fn (load_rewards:
+    the training reward's and the monitors'), of the training reward (eval_reward) and, with --eval-reward, of
+    its weighted sum (eval_monitor)."""
     from tqdm import tqdm
+
+    import rewards
 
     sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, dist.device)
     mine = eval_prompts[dist.rank :: dist.world]
@@ -1876,11 +1917,42 @@ def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_
     totals = all_gather(scores.sum(0, keepdim=True).to(dist.device), dist).sum(0)
     if dist.main and images:
         save_image_grid(images, mine, f"{cfg.out}/eval_{step:05d}.png")
-    return {f"eval_{name}": (totals[i] / counts.sum()).item() for i, name in enumerate(names)}
+    means = {f"eval_{name}": (totals[i] / counts.sum()).item() for i, name in enumerate(names)}
+    if cfg.eval_reward:  # the mean of sum_k w_k r_k is sum_k w_k (mean of r_k)
+        watched = rewards.parse_reward_spec(cfg.eval_reward)
+        means["eval_monitor"] = sum(weight * means[f"eval_{name}"] for name, weight in watched)
+    return means
 
 
-def save_image_grid(images, prompts, path, columns=4):
-    """A PNG of images with their prompts underneath, for a person to look at."""
+ROLLOUT_GROUPS_SHOWN = 2
+
+
+def save_rollout_groups(
+    run: Run, cfg: Config, dist: Distributed, step: int, batches, image_prompts, image_rewards, advantages
+):
+    """rollout_NNNNN.png: the step's first ROLLOUT_GROUPS_SHOWN groups (all G images of each prompt) as the SDE
+    rollout drew them, each image captioned with its reward and advantage: what the policy samples, next to the
+    ODE evaluation. A group may span ranks, so each rank sends the final latents of its first images (as many as
+    are shown, or all it has) and rank 0 decodes the shown ones, in batches as the rollout did."""
+    shown = min(ROLLOUT_GROUPS_SHOWN, cfg.groups_per_step) * cfg.group_size
+    mine = torch.cat([batch.trajectory.latents[:, -1] for batch in batches])[:shown]
+    latents = all_gather(mine, dist)[:shown]  # rank after rank: the step's first `shown` images
+    if not dist.main:
+        return
+    images = [
+        image
+        for b in range(0, shown, cfg.batch_size)
+        for image in decode_images(run.pipe, latents[b : b + cfg.batch_size])
+    ]
+    captions = [
+        f"reward {float(image_rewards[i]):.5g}, advantage {float(advantages[i]):+.4f}\n{image_prompts[i]}"
+        for i in range(shown)
+    ]
+    save_image_grid(images, captions, f"{cfg.out}/rollout_{step:05d}.png", columns=min(cfg.group_size, 8))
+
+
+def save_image_grid(images, captions, path, columns=4):
+    """A PNG of images with their captions (a prompt; lines of text) underneath, for a person to look at."""
 
     from PIL import Image, ImageDraw
 
@@ -1889,10 +1961,11 @@ def save_image_grid(images, prompts, path, columns=4):
     rows = math.ceil(len(images) / columns)
     grid = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (image, prompt) in enumerate(zip(images, prompts)):
+    for i, (image, text) in enumerate(zip(images, captions)):
         x, y = (i % columns) * side, (i // columns) * (side + caption)
         grid.paste(image.resize((side, side)), (x, y))
-        draw.multiline_text((x + 4, y + side + 2), "\n".join(textwrap.wrap(prompt, side // 7)[:3]), fill="black")
+        lines = [wrapped for line in text.splitlines() for wrapped in textwrap.wrap(line, side // 7)]
+        draw.multiline_text((x + 4, y + side + 2), "\n".join(lines[:3]), fill="black")
     grid.save(path)
 
 
