@@ -2447,6 +2447,7 @@ FLAG_CASES = {
     "empty batch": (["--batch-size", "0"], "--batch-size 0: use 1 or more", None),
     "no output folder": (["--out", ""], "--out '': name an output folder", None),
     "reward weights all 0": (["--reward", "jpeg_compressibility=0"], "every weight is 0", None),
+    "unknown eval reward": (["--eval-reward", "aesthtic"], "--eval-reward: unknown reward 'aesthtic'", "aesthetic"),
     "reward folder for no model": (["--reward-model-dir", "jpeg_compressibility=x"], "only pickscore, clipscore", None),
     "reward folder without name": (["--reward-model-dir", "pickscore"], "write NAME=FOLDER", None),
     "unknown sampler": (["--sde-type", "ode"], "--sde-type ode: use sde or cps", None),
@@ -3019,3 +3020,192 @@ def test_each_rollout_batch_draws_its_own_fast_window_and_trains_on_it(tmp_path,
     for k in range(seen.updates):  # each optimizer step a mean: K = 2 trained steps per sample
         assert sum(c[3].sum().item() for c in seen.calls if c[0] == k) == pytest.approx(1.0)
     assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == seen.updates == 2
+
+
+# Watching for reward hacking (issue 18 §1): --eval-reward monitors, rollout_NNNNN.png
+# ------------------------------------------------------------------------------------------------
+
+
+def colour_by_hand(image, channel):
+    """mean over pixels of (C - (C' + C'') / 2) / 255, C the channel and C', C'' the other two, in float64."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64).reshape(-1, 3)
+    others = pixels.sum(axis=1) - pixels[:, channel]
+    return float(np.mean(pixels[:, channel] - others / 2) / 255)
+
+
+RED, GREEN, BLUE = 0, 1, 2
+MONITORED_PROMPTS = ["p one", "p two", "p three", "p four"]
+MONITORED_EVAL_PROMPTS = ["e one", "e two", "e three"]
+
+
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory):
+    """2 tiny steps trained on 2 x greenness, watched with redness - 0.5 greenness, evaluated at step 2 only (and the
+    base model at step 0); groups of 2, 4 prompts a step. Records the evaluation images, each step's rewards and
+    advantages as train() computed them, and the rollout grids as drawn."""
+    import contextlib
+
+    folder = tmp_path_factory.mktemp("monitored")
+    seen = {"eval_images": [], "steps": [], "grids": []}
+    real_score, real_advantages, real_grid = F.score, F.step_advantages, F.save_image_grid
+
+    def score_spy(reward_fn, images, prompts):
+        if prompts[0].startswith("e "):
+            seen["eval_images"].append((list(prompts), list(images)))
+        return real_score(reward_fn, images, prompts)
+
+    def advantages_spy(all_rewards, image_prompts, cfg):
+        advantages = real_advantages(all_rewards, image_prompts, cfg)
+        seen["steps"].append((list(image_prompts), all_rewards.clone(), advantages.clone()))
+        return advantages
+
+    def grid_spy(images, captions, path, *args, **kwargs):
+        if "rollout_" in os.path.basename(path):
+            seen["grids"].append((path, list(images), list(captions)))
+        return real_grid(images, captions, path, *args, **kwargs)
+
+    cfg = tiny_config(
+        folder / "out",
+        reward="greenness=2",
+        eval_reward="redness,greenness=-0.5",
+        group_size=2,
+        groups_per_step=4,
+        batch_size=4,
+        max_steps=2,
+        eval_every=2,
+        prompts=str(write_prompts(folder, MONITORED_PROMPTS)),
+        eval_prompts=str(folder / "eval.txt"),
+    )
+    (folder / "eval.txt").write_text("\n".join(MONITORED_EVAL_PROMPTS) + "\n")
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
+        patch.setattr(F, "score", score_spy)
+        patch.setattr(F, "step_advantages", advantages_spy)
+        patch.setattr(F, "save_image_grid", grid_spy)
+        F.train(cfg)
+    return folder / "out", seen
+
+
+def test_eval_reward_logs_every_component_of_both_specs_equal_to_a_hand_computation(monitored):
+    out, seen = monitored
+    first, second = read_metrics(out)
+    assert not [key for key in first if key.startswith("eval_")]  # step 1 was not evaluated
+    assert "redness_mean" not in first and "greenness_mean" in first  # monitors never score the rollouts
+    # Evaluations: the base model (step 0), then step 2; one batch of the three held-out prompts each.
+    assert [prompts for prompts, _ in seen["eval_images"]] == [MONITORED_EVAL_PROMPTS] * 2
+    images = seen["eval_images"][1][1]
+    green = np.mean([colour_by_hand(image, GREEN) for image in images])
+    red = np.mean([colour_by_hand(image, RED) for image in images])
+    assert abs(green) > 1e-3 and abs(red) > 1e-3 and abs(red - green) > 1e-3  # the hand values tell them apart
+    assert second["eval_greenness"] == pytest.approx(green, rel=1e-5, abs=1e-7)
+    assert second["eval_redness"] == pytest.approx(red, rel=1e-5, abs=1e-7)
+    assert second["eval_reward"] == pytest.approx(2 * green, rel=1e-5, abs=1e-7)  # the TRAINING reward, weighted
+    assert second["eval_monitor"] == pytest.approx(red - 0.5 * green, rel=1e-5, abs=1e-7)  # --eval-reward's sum
+    assert sorted(k for k in second if k.startswith("eval_")) == [
+        "eval_greenness",
+        "eval_monitor",
+        "eval_redness",
+        "eval_reward",
+    ]
+
+
+def test_rollout_png_shows_the_first_two_groups_with_their_rewards_and_advantages(monitored):
+    import re
+
+    out, seen = monitored
+    assert sorted(name for name in os.listdir(out) if name.startswith("rollout_")) == ["rollout_00002.png"]
+    with Image.open(out / "rollout_00002.png") as png:  # G = 2 columns, one row per group, 256 px + 48 px captions
+        assert png.size == (2 * 256, 2 * (256 + 48))
+    [(path, images, captions)] = seen["grids"]
+    assert path == f"{out}/rollout_00002.png"
+    image_prompts, step_rewards, advantages = seen["steps"][1]  # step 2's, as train() computed them
+    assert image_prompts[0] == image_prompts[1] != image_prompts[2] == image_prompts[3]  # two whole groups
+    assert len(images) == len(captions) == 4
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        reward, advantage, prompt = re.fullmatch(r"reward (\S+), advantage (\S+)\n(.*)", caption).groups()
+        assert float(reward) == pytest.approx(step_rewards[i].item(), rel=1e-4)
+        assert float(advantage) == pytest.approx(advantages[i].item(), abs=1e-4)
+        assert prompt == image_prompts[i]
+        # The image is the one the rollout drew and the reward scored: its reward recomputed by hand.
+        assert 2 * colour_by_hand(image, GREEN) == pytest.approx(step_rewards[i].item(), rel=1e-5)
+    assert len(set(captions)) == 4 and (advantages[:4] != 0).all()
+
+
+def test_rollout_groups_that_span_ranks_are_gathered_by_rank_0(tiny_pipe, monkeypatch):
+    """3 prompts x 4 images on 2 ranks, 6 images each: the second group is images 4-7, split over both ranks."""
+    cfg = tiny_config("unused", group_size=4, groups_per_step=3, batch_size=2)
+    generator = torch.Generator().manual_seed(0)
+    finals = torch.randn(12, 16, 8, 8, generator=generator)  # the step's final latents, rank 0's then rank 1's
+
+    def batches(rank):
+        share = finals[6 * rank : 6 * (rank + 1)]
+        trajectories = torch.stack([torch.zeros_like(share), share], dim=1)  # [B, T+1, C, H, W], T = 1
+        return [F.RolloutBatch(None, None, F.Trajectory(trajectories[b : b + 2], None, None)) for b in (0, 2, 4)]
+
+    sent = []
+
+    def all_gather_of_two_ranks(tensor, dist):  # rank 1 runs the same code on its own batches
+        sent.append(len(tensor))
+        return torch.cat([tensor, torch.cat([b.trajectory.latents[:, -1] for b in batches(1)])[: len(tensor)]])
+
+    drawn = []
+    monkeypatch.setattr(F, "all_gather", all_gather_of_two_ranks)
+    monkeypatch.setattr(F, "save_image_grid", lambda images, captions, path, columns: drawn.append((images, columns)))
+    image_prompts = [f"p{g}" for g in range(3) for _ in range(4)]
+    rewards_of_step, advantages = torch.arange(12.0), torch.arange(12.0) - 6
+    run = F.Run(tiny_pipe, *[None] * 10)
+    F.save_rollout_groups(
+        run, cfg, F.Distributed(0, 2, torch.device("cpu")), 5, batches(0), image_prompts, rewards_of_step, advantages
+    )
+    [(images, columns)] = drawn
+    expected = F.decode_images(tiny_pipe, finals[:4]) + F.decode_images(tiny_pipe, finals[4:8])
+    assert sent == [6] and columns == 4 and len(images) == 8
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, expected))
+    # Rank 1 only sends: it draws nothing.
+    F.save_rollout_groups(
+        run, cfg, F.Distributed(1, 2, torch.device("cpu")), 5, batches(1), image_prompts, rewards_of_step, advantages
+    )
+    assert len(drawn) == 1
+
+
+def test_a_model_both_specs_name_loads_once_from_its_folder(tiny_clip_dir, tiny_aesthetic_dir, monkeypatch, tmp_path):
+    from transformers import CLIPModel
+
+    loads, real_from_pretrained = [], CLIPModel.from_pretrained
+
+    def counting(source, *args, **kwargs):
+        loads.append(source)
+        return real_from_pretrained(source, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPModel, "from_pretrained", counting)
+    cfg = tiny_config(
+        tmp_path,
+        reward="pickscore",
+        eval_reward="aesthetic,pickscore=0.5",
+        reward_model_dir=f"pickscore={tiny_clip_dir},aesthetic={tiny_aesthetic_dir}",
+    )
+    training, evaluation = F.load_rewards(cfg, "cpu")
+    assert loads == [tiny_clip_dir, tiny_aesthetic_dir]  # PickScore once for both; the monitor from its folder
+    assert training.names == ["pickscore"] and evaluation.names == ["pickscore", "aesthetic"]
+    images, prompts = make_images(3, size=32), ["a cat", "a dog", "a bird"]
+    scored = evaluation(images, prompts)
+    assert torch.equal(scored["reward"], training(images, prompts)["reward"])  # the training reward, unchanged
+    alone_reward = rewards.load_reward("aesthetic", model_dirs={"aesthetic": tiny_aesthetic_dir})
+    assert torch.equal(scored["aesthetic"], alone_reward(images, prompts)["aesthetic"])
+    # Memory: the evaluation holds the training reward's models plus one copy of the monitor's weights (CLIP and
+    # MLP), and keeps nothing more once it has scored.
+    held, modules_tensors = tensor_bytes_reachable(evaluation), tensor_bytes_reachable(rewards.load_reward("redness"))
+    assert held - tensor_bytes_reachable(training) == tensor_bytes_reachable(alone_reward) - modules_tensors > 0
+    evaluation(images, prompts)
+    assert tensor_bytes_reachable(evaluation) == held
+
+
+def test_an_ocr_monitor_takes_the_ocr_evaluation_prompts_and_checks_them(tmp_path):
+    def sets(**flags):
+        return F.read_prompt_sets(F.Config(**flags))
+
+    assert sets(reward="pickscore", eval_reward="aesthetic") == (F.BUILTIN_PROMPTS, F.BUILTIN_EVAL_PROMPTS)
+    assert sets(reward="pickscore", eval_reward="ocr") == (F.BUILTIN_PROMPTS, F.BUILTIN_OCR_EVAL_PROMPTS)
+    (tmp_path / "test.txt").write_text('a sign that says "B"\na cat on a mat\n')
+    with pytest.raises(F.UsageError, match="'a cat on a mat'.*test.txt"):
+        sets(reward="pickscore", eval_reward="pickscore,ocr=0", eval_prompts=str(tmp_path / "test.txt"))
+    assert sets(reward="pickscore", prompts=str(tmp_path / "test.txt"), eval_reward="ocr")[0][1] == "a cat on a mat"
