@@ -3139,7 +3139,9 @@ def test_rollout_groups_that_span_ranks_are_gathered_by_rank_0(tiny_pipe, monkey
     def batches(rank):
         share = finals[6 * rank : 6 * (rank + 1)]
         trajectories = torch.stack([torch.zeros_like(share), share], dim=1)  # [B, T+1, C, H, W], T = 1
-        return [F.RolloutBatch(None, None, F.Trajectory(trajectories[b : b + 2], None, None)) for b in (0, 2, 4)]
+        return [
+            F.RolloutBatch(None, None, F.Trajectory(trajectories[b : b + 2], None, None), None, None) for b in (0, 2, 4)
+        ]
 
     sent = []
 
