@@ -1281,18 +1281,52 @@ def reward_model_dirs(spec: str):
     return dirs
 
 
+class Prompt(str):
+    """A prompt read from JSON Lines: its text, with the line's whole object as `.metadata` (GenEval's `tag`,
+    `include`, ...). A str, so everything that handles prompt text (text encoders, the text cache, grouping by
+    prompt) works unchanged, and the metadata travels with the prompt to the reward (score)."""
+
+    def __new__(cls, text: str, metadata: dict):
+        prompt = super().__new__(cls, text)
+        prompt.metadata = metadata
+        return prompt
+
+
+def prompt_metadata(prompt) -> dict:
+    """The metadata of a prompt: its JSON Lines object, or {} for a line of a plain text file (as the official
+    `TextPromptDataset` in `scripts/train_sd3.py`)."""
+    return getattr(prompt, "metadata", {})
+
+
 def read_prompts(path: str, builtin):
+    """The prompts of a file: one per line, or with a .jsonl name one JSON object per line with a "prompt" field
+    and any others (the official `dataset/geneval/*_metadata.jsonl`), each a Prompt carrying its object."""
     if not path:
         return list(builtin)
     try:
         with open(path, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
+            lines = [(number, line.strip()) for number, line in enumerate(f, 1) if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(
             f"cannot read prompt file {path}: {error.strerror if isinstance(error, OSError) else error}"
         ) from None
-    if not prompts:
+    if not lines:
         raise UsageError(f"prompt file {path} has no prompts: write one prompt per line")
+    if not path.endswith(".jsonl"):
+        return [line for _, line in lines]
+    prompts = []
+    for number, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as error:
+            item = error
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            problem = f"not JSON ({item.msg})" if isinstance(item, Exception) else 'no "prompt" text'
+            raise UsageError(
+                f'{path}, line {number}: {problem}; write one JSON object per line with a "prompt" field, '
+                'e.g. {"prompt": "a photo of a bench", "tag": "single_object"}'
+            )
+        prompts.append(Prompt(item["prompt"].strip(), item))
     return prompts
 
 
@@ -1320,8 +1354,9 @@ def read_prompt_sets(cfg: Config):
 
 
 def score(reward_fn, images, prompts):
+    """The reward of each image, with its prompt and its prompt's metadata (prompt_metadata)."""
     try:
-        return reward_fn(images, prompts)
+        return reward_fn(images, prompts, metadata=[prompt_metadata(prompt) for prompt in prompts])
     except ValueError as error:  # e.g. a custom reward that returned the wrong shape or non-finite values
         raise UsageError(str(error), every_rank=False) from None
 

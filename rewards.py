@@ -4,6 +4,7 @@ safetensors and rapidocr_onnxruntime when a reward that needs them is loaded."""
 
 import functools
 import importlib
+import inspect
 import io
 import math
 import os
@@ -156,25 +157,46 @@ class OcrReward:
         return torch.tensor(scores, dtype=torch.float32)
 
 
+def takes_metadata(fn) -> bool:
+    """Whether a reward function accepts the prompts' metadata: a parameter named `metadata` (or **kwargs)."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return any(p.name == "metadata" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 class Reward:
-    """r = sum_k w_k * r_k over the components (name_k, w_k, r_k). ``reward(images, prompts)`` calls each component
-    once with the whole batch and returns ``{name_k: r_k, ..., "reward": r}``, float32 CPU tensors of shape [N]."""
+    """r = sum_k w_k * r_k over the components (name_k, w_k, r_k). ``reward(images, prompts, metadata)`` calls each
+    component once with the whole batch and returns ``{name_k: r_k, ..., "reward": r}``, float32 CPU tensors of shape
+    [N]. A component is ``fn(images, prompts)``, or ``fn(images, prompts, metadata=...)`` to receive each image's
+    prompt metadata (a dict per image: the prompt's JSON Lines object, {} for plain text prompts). A component may
+    return a dict of columns instead: the one under its own name is r_k, the others (listed in its ``logged``
+    attribute) are logged beside it."""
 
     def __init__(self, components: Sequence[tuple[str, float, RewardFn]]):
         self.components = list(components)
-        self.names = [name for name, _, _ in self.components]
+        self.names = [n for name, _, fn in self.components for n in (name, *getattr(fn, "logged", ()))]
 
-    def __call__(self, images, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def __call__(self, images, prompts: Sequence[str], metadata: Sequence[dict] | None = None) -> dict:
         if isinstance(images, torch.Tensor):  # [N, 3, H, W], uint8 or floats in [0, 1]
             x = images.detach().cpu()
             if x.dtype != torch.uint8:  # round(255 * x) clamped to [0, 255], as in the paper's code
                 x = (x.float() * 255).round().clamp(0, 255).to(torch.uint8)
             images = [Image.fromarray(img.permute(1, 2, 0).numpy()) for img in x]
         images, prompts = list(images), list(prompts)
+        metadata = [{} for _ in prompts] if metadata is None else list(metadata)
         n = len(images)
-        if len(prompts) != n:
-            raise ValueError(f"reward got {n} images but {len(prompts)} prompts; pass one prompt per image")
-        out = {name: validate_scores(name, fn(images, prompts), n) for name, _, fn in self.components}
+        if len(prompts) != n or len(metadata) != n:
+            raise ValueError(
+                f"reward got {n} images, {len(prompts)} prompts and {len(metadata)} metadata; pass one each per image"
+            )
+        out = {}
+        for name, _, fn in self.components:
+            result = fn(images, prompts, metadata=metadata) if takes_metadata(fn) else fn(images, prompts)
+            columns = result if isinstance(result, dict) else {name: result}
+            for column in (name, *getattr(fn, "logged", ())):
+                out[column] = validate_scores(column, columns.get(column), n)
         total = sum((weight * out[name] for name, weight, _ in self.components), torch.zeros(n, dtype=torch.float32))
         return {**out, "reward": total}
 
@@ -371,7 +393,7 @@ def load_custom_reward(name: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(
             f"custom reward {name!r}: module {module_name!r} has no function {function_name!r}; "
-            "define fn(images, prompts) returning one float per image"
+            "define fn(images, prompts) (or fn(images, prompts, metadata)) returning one float per image"
         )
     return fn
 

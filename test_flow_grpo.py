@@ -3211,3 +3211,56 @@ def test_an_ocr_monitor_takes_the_ocr_evaluation_prompts_and_checks_them(tmp_pat
     with pytest.raises(F.UsageError, match="'a cat on a mat'.*test.txt"):
         sets(reward="pickscore", eval_reward="pickscore,ocr=0", eval_prompts=str(tmp_path / "test.txt"))
     assert sets(reward="pickscore", prompts=str(tmp_path / "test.txt"), eval_reward="ocr")[0][1] == "a cat on a mat"
+
+
+# Prompts with metadata (JSON Lines), GenEval through the reward server, VLM judges over HTTP (issue 19)
+# ------------------------------------------------------------------------------------------------
+
+METADATA_REWARD_MODULE = """
+SEEN = []
+
+
+def score(images, prompts, metadata):
+    SEEN.extend(zip(prompts, metadata))
+    return [m["id"] / 10 + image.getpixel((0, 0))[0] / 2550 for image, m in zip(images, metadata)]
+"""
+
+
+def write_jsonl(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return str(path)
+
+
+def test_jsonl_prompts_bring_their_metadata_to_the_reward_image_by_image(tmp_path, monkeypatch):
+    (tmp_path / "metadata_reward_mod.py").write_text(METADATA_REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import metadata_reward_mod
+
+    items = [{"prompt": f"a photo of {n} cats", "id": n, "tag": "counting"} for n in range(5)]
+    path = write_jsonl(tmp_path / "train.jsonl", items)
+    # Groups of 3 in batches of 2: a group spans batches, so an image given its neighbour's metadata shows.
+    cfg = tiny_config(tmp_path / "out", reward="metadata_reward_mod:score", prompts=path, eval_prompts=path)
+    cfg = dataclasses.replace(cfg, group_size=3, groups_per_step=4, batch_size=2, updates_per_step=1)
+    F.train(cfg)
+    seen = metadata_reward_mod.SEEN
+    assert len(seen) == 5 + 12 + 5  # the evaluation at step 0, the rollout's 12 images, the final evaluation
+    assert all(metadata == items[metadata["id"]] and prompt == metadata["prompt"] for prompt, metadata in seen)
+    assert sorted(m["id"] for _, m in seen[:5]) == list(range(5))  # every evaluation prompt once
+    rollout = [m["id"] for _, m in seen[5:17]]
+    assert all(rollout[k] == rollout[k - k % 3] for k in range(12))  # a group shares one prompt and its metadata
+    record = read_metrics(cfg.out)[0]
+    assert 0 <= record["reward_mean"] - sum(rollout) / 120 <= 0.1  # the id term, plus pixels' share in [0, 0.1]
+
+
+def test_a_malformed_jsonl_line_is_one_error_naming_file_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", \n')
+    with pytest.raises(F.UsageError, match=r"p\.jsonl, line 3: not JSON .*\"prompt\" field"):
+        F.read_prompts(str(path), [])
+    path.write_text('{"prompt": "a cat"}\n["a dog"]\n')
+    with pytest.raises(F.UsageError, match=r"p\.jsonl, line 2: no \"prompt\" text"):
+        F.read_prompts(str(path), [])
+    path.write_text('{"prompt": " a cat ", "tag": "x"}\n')
+    (prompt,) = F.read_prompts(str(path), [])
+    assert prompt == "a cat" and F.prompt_metadata(prompt) == {"prompt": " a cat ", "tag": "x"}
+    assert F.prompt_metadata("plain text") == {}
