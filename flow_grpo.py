@@ -378,6 +378,13 @@ class Config:
         "", "spec as --reward, scored on the evaluation images next to the training reward (default: --reward)"
     )
     reward_model_dir: str = config_field("", "NAME=FOLDER[,NAME=FOLDER]: load a reward model from a local folder")
+    reward_server: str = config_field(
+        "127.0.0.1:18085", "HOST:PORT of the GenEval reward server for --reward geneval (yifan123/reward-server)"
+    )
+    reward_timeout: float = config_field(120.0, "seconds to wait for one answer of a reward server (geneval)")
+    reward_retry_minutes: float = config_field(
+        10.0, "a reward server lost mid-run is retried this long (doubling waits), then the run stops, resumable"
+    )
     prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
     eval_prompts: str = config_field("", "held-out prompts for evaluation, one per line (default: a built-in set)")
     out: str = config_field("runs/flow_grpo", "output folder")
@@ -956,6 +963,12 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
     )
     prompts, eval_prompts = read_prompt_sets(cfg)
+    try:  # a served reward (geneval) answers once before anything is loaded or written
+        rewards.check_servers(cfg.reward, server_options(cfg))
+        if cfg.eval_reward:  # a served monitor too
+            rewards.check_servers(cfg.eval_reward, server_options(cfg))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     check_output_folder(cfg, lock=dist.main)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
@@ -1011,7 +1024,9 @@ def load_rewards(cfg: Config, device):
     trained = [name for name, _ in rewards.parse_reward_spec(cfg.reward)]
     watched = [name for name, _ in rewards.parse_reward_spec(cfg.eval_reward)] if cfg.eval_reward else []
     spec = ",".join([cfg.reward] + [f"{name}=0" for name in watched if name not in trained])
-    evaluation = rewards.load_reward(spec, device=device, model_dirs=reward_model_dirs(cfg.reward_model_dir))
+    evaluation = rewards.load_reward(
+        spec, device=device, model_dirs=reward_model_dirs(cfg.reward_model_dir), servers=server_options(cfg)
+    )
     return rewards.Reward(evaluation.components[: len(trained)]), evaluation
 
 
@@ -1044,10 +1059,14 @@ def seeded(*keys) -> torch.Generator:
 
 
 def evaluate_policy(run: Run, cfg: Config, dist: Distributed, step: int) -> dict:
-    """evaluate() with the EMA of the LoRA weights loaded (with --ema, the default), else the weights as they are."""
+    """evaluate() with the EMA of the LoRA weights loaded (with --ema, the default), else the weights as they are;
+    with geneval, the GenEval score and each tag's accuracy (rewards.geneval_summary)."""
+    import rewards
+
     learner = run.learner
     with shown_weights(learner.params, learner.ema_params, cfg):
-        return evaluate(run.pipe, run.transformer, cfg, dist, run.eval_reward_fn, run.eval_prompts, run.text_for, step)
+        means = evaluate(run.pipe, run.transformer, cfg, dist, run.eval_reward_fn, run.eval_prompts, run.text_for, step)
+    return {**means, **rewards.geneval_summary(means, [prompt_metadata(p) for p in run.eval_prompts])}
 
 
 def end_step(record: dict, run: Run, cfg: Config, dist: Distributed):
@@ -1197,6 +1216,10 @@ def check_flags(cfg: Config):
             raise UsageError(f"--eval-reward: {error}") from None
     unknown = [name for name in reward_model_dirs(cfg.reward_model_dir) if name not in rewards.MODEL_REWARDS]
     need(not unknown, "reward_model_dir", f"only {', '.join(rewards.MODEL_REWARDS)} load a model from a folder")
+    host, _, port = cfg.reward_server.rpartition(":")
+    need(host and port.isdigit() and 0 < int(port) < 65536, "reward_server", "write HOST:PORT, e.g. 127.0.0.1:18085")
+    need(cfg.reward_timeout > 0, "reward_timeout", "use a positive number of seconds (120 as the official client)")
+    need(cfg.reward_retry_minutes >= 0, "reward_retry_minutes", "use 0 (no retries) or more minutes (10 by default)")
 
 
 def check_config(cfg: Config, dist: Distributed):
@@ -1330,17 +1353,25 @@ def read_prompts(path: str, builtin):
     return prompts
 
 
+def server_options(cfg: Config):
+    import rewards
+
+    return rewards.ServerOptions(
+        geneval=cfg.reward_server, timeout=cfg.reward_timeout, retry_minutes=cfg.reward_retry_minutes
+    )
+
+
 def read_prompt_sets(cfg: Config):
     """(training, evaluation) prompts: the files given, else the built-in sets, the OCR ones where a reward
     scoring them names ocr (--reward: both sets; --eval-reward: the evaluation's). Those prompts must quote their
     text: checked here, before any work."""
     import rewards
 
-    def names_ocr(spec):
-        return "ocr" in [item.partition("=")[0].strip() for item in spec.split(",")]
+    def names(spec):
+        return [item.partition("=")[0].strip() for item in spec.split(",")]
 
-    ocr = names_ocr(cfg.reward)
-    eval_ocr = ocr or names_ocr(cfg.eval_reward)
+    ocr = "ocr" in names(cfg.reward)
+    eval_ocr = ocr or "ocr" in names(cfg.eval_reward)
     prompts = read_prompts(cfg.prompts, BUILTIN_OCR_PROMPTS if ocr else BUILTIN_PROMPTS)
     eval_prompts = read_prompts(cfg.eval_prompts, BUILTIN_OCR_EVAL_PROMPTS if eval_ocr else BUILTIN_EVAL_PROMPTS)
     for path, chosen, checked in ((cfg.prompts, prompts, ocr), (cfg.eval_prompts, eval_prompts, eval_ocr)):
@@ -1350,6 +1381,16 @@ def read_prompt_sets(cfg: Config):
                     rewards.ocr_target(prompt)
                 except ValueError as error:
                     raise UsageError(f"{error} (in {path or 'the built-in prompts'})") from None
+    geneval = "geneval" in names(cfg.reward)
+    for flag, path, chosen, checked in (
+        ("--prompts", cfg.prompts, prompts, geneval),
+        ("--eval-prompts", cfg.eval_prompts, eval_prompts, geneval or "geneval" in names(cfg.eval_reward)),
+    ):
+        if checked and not all("tag" in prompt_metadata(prompt) for prompt in chosen):
+            raise UsageError(
+                f"{flag} {path or '(the built-in prompts)'}: reward geneval needs GenEval metadata ('tag', 'include') "
+                "with every prompt: pass the official dataset/geneval/train_metadata.jsonl and test_metadata.jsonl"
+            )
     return prompts, eval_prompts
 
 
@@ -1405,8 +1446,10 @@ def unlock_output_folder(out: str):
 
 
 # out: the folder may have been moved or named by another path since.
-# What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor).
+# What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor; a served
+# reward may move or answer slower: where it lives and how long to wait for it do not change the math).
 RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_reward"}
+RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes"}
 
 
 def check_output_folder(cfg: Config, lock: bool = True):
@@ -2519,20 +2562,21 @@ def rerun_command(argv=None, resume: bool = True) -> str:
     return shlex.join(launcher + args)
 
 
-def interrupted_message(cfg: Config, argv=None) -> str:
-    """One line after Ctrl-C: the last checkpoint, and the command that continues from it."""
+def interrupted_message(cfg: Config, argv=None, event: str = "interrupted") -> str:
+    """One line after Ctrl-C (or another event that stops the run): the last checkpoint, and the command that
+    continues from it."""
 
     command = rerun_command(argv)
     checkpoint = latest_checkpoint(cfg.out)
     if checkpoint:
         step = int(os.path.basename(checkpoint).removeprefix("step_"))
-        return f"interrupted: the last checkpoint is {checkpoint} (step {step}); continue with: {command}"
+        return f"{event}: the last checkpoint is {checkpoint} (step {step}); continue with: {command}"
     if os.path.exists(f"{cfg.out}/config.json"):
         return (
-            f"interrupted before the first checkpoint (every --save-every {cfg.save_every} steps): "
+            f"{event} before the first checkpoint (every --save-every {cfg.save_every} steps): "
             f"{command} starts again from step 0"
         )
-    return f"interrupted before the run started, nothing to resume; start it again: {rerun_command(argv, resume=False)}"
+    return f"{event} before the run started, nothing to resume; start it again: {rerun_command(argv, resume=False)}"
 
 
 def plot_main(argv):
@@ -2570,6 +2614,8 @@ def plot_main(argv):
 
 
 def main(argv=None):
+    import rewards
+
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["--plot"]:  # a figure of finished runs, not a training run
         return plot_main(args[1:])
@@ -2586,6 +2632,10 @@ def main(argv=None):
     except TrainingDiverged as error:
         if rank == 0:  # the gradients are averaged: every rank diverges alike
             print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except rewards.RewardServerLost as error:  # like Ctrl-C, it leaves a run to resume once the server is back
+        where = f" (rank {rank})" if rank else ""
+        print(f"error{where}: {error}; {interrupted_message(cfg, argv, 'stopped')}", file=sys.stderr, flush=True)
         sys.exit(1)
     except KeyboardInterrupt:
         if rank == 0:

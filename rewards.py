@@ -2,14 +2,22 @@
 (``load_reward("pickscore=1,aesthetic=0.2")``). Only torch and PIL are imported here; transformers, huggingface_hub,
 safetensors and rapidocr_onnxruntime when a reward that needs them is loaded."""
 
+from __future__ import annotations
+
 import functools
+import http.client
 import importlib
 import inspect
 import io
 import math
 import os
+import pickle
 import re
-from typing import Callable, Sequence
+import sys
+import threading
+import time
+import urllib.parse
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from PIL import Image
@@ -216,7 +224,7 @@ AESTHETIC_MLP_LOCAL_FILES = (
     "sac+logos+ava1-l14-linearMSE.pth",
 )
 BUILTIN_REWARDS = ("pickscore", "clipscore", "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "ocr")
-BUILTIN_REWARDS += tuple(COLOUR_CHANNELS)
+BUILTIN_REWARDS += tuple(COLOUR_CHANNELS) + ("geneval",)
 MODEL_REWARDS = ("pickscore", "clipscore", "aesthetic")  # the ones that can load their model from a local folder
 # What a local folder for each model reward must hold (said in error messages).
 FOLDER_CONTENTS = {
@@ -362,8 +370,11 @@ def _build_aesthetic(device, model_dir: str | None, cache: dict) -> RewardFn:
     return functools.partial(aesthetic_score, model, processor, mlp.to(device).eval().requires_grad_(False))
 
 
-def _build(name: str, device, model_dir: str | None, cache: dict) -> RewardFn:
-    """The reward function of a built-in name; a model reward loads its model from model_dir, else from the hub."""
+def _build(name: str, device, model_dir: str | None, cache: dict, servers: ServerOptions) -> RewardFn:
+    """The reward function of a built-in name; a model reward loads its model from model_dir, else from the hub;
+    a served one talks to the server that servers names."""
+    if name == "geneval":
+        return GenevalReward(servers)
     if name == "pickscore":
         sources = (model_dir, model_dir) if model_dir else (PICKSCORE_MODEL, PICKSCORE_PROCESSOR)
         return functools.partial(clip_similarity, *_load_clip(name, *sources, device, cache), PICKSCORE_SCALE)
@@ -398,9 +409,12 @@ def load_custom_reward(name: str) -> RewardFn:
     return fn
 
 
-def load_reward(spec: str, device="cpu", model_dirs: dict[str, str] | None = None) -> Reward:
+def load_reward(
+    spec: str, device="cpu", model_dirs: dict[str, str] | None = None, servers: ServerOptions | None = None
+) -> Reward:
     """A Reward for a spec such as ``"pickscore=1,aesthetic=0.2"``; ``model_dirs`` maps a model reward's name to a
-    local folder that replaces its hub ids (FOLDER_CONTENTS). Rewards on the same CLIP share one copy of it."""
+    local folder that replaces its hub ids (FOLDER_CONTENTS); ``servers`` says where the served rewards live (geneval,
+    vlm). Rewards on the same CLIP share one copy of it."""
     components = parse_reward_spec(spec)
     model_dirs = dict(model_dirs or {})
     unknown = [k for k in model_dirs if k not in MODEL_REWARDS]
@@ -417,6 +431,236 @@ def load_reward(spec: str, device="cpu", model_dirs: dict[str, str] | None = Non
                 f"reward {name!r}: local model folder {model_dir!r} does not exist; "
                 f"pass an existing folder with --reward-model-dir {name}=FOLDER"
             )
-        fn = load_custom_reward(name) if ":" in name else _build(name, device, model_dir, cache)
+        fn = (
+            load_custom_reward(name)
+            if ":" in name
+            else _build(name, device, model_dir, cache, servers or ServerOptions())
+        )
         built.append((name, weight, fn))
     return Reward(built)
+
+
+# =========================================================================== rewards served by another process (HTTP)
+# GenEval's detector (Mask2Former under mmdet) and VLM judges cannot live in this environment: as in the official code
+# they run as servers and are called over HTTP, standard library only, with a timeout on every request and bounded
+# retries, so that a long run survives a server restart and stops cleanly (resumable) when the server stays away.
+
+
+class RewardServerError(ValueError):
+    """A reward server is unreachable at start, or answered something unusable: one line, exit 2."""
+
+
+class RewardServerLost(Exception):
+    """A reward server stayed unreachable (or kept failing) mid-run for longer than the retry budget."""
+
+
+class ServerOptions(NamedTuple):
+    """Where the served rewards live and how long to wait for them (the --reward-server, --vlm-* flags)."""
+
+    geneval: str = "127.0.0.1:18085"  # the official client's address (`flow_grpo/rewards.py`, `geneval_score`)
+    vlm_url: str = "http://127.0.0.1:17140/v1"  # the official `unifiedreward_score_sglang`'s base_url
+    vlm_model: str = "UnifiedReward-7b-v1.5"
+    vlm_template: str = ""  # a file replacing UNIFIEDREWARD_TEMPLATE
+    vlm_concurrency: int = 8
+    timeout: float = 120.0  # seconds per request: the official client's timeout=120
+    retry_minutes: float = 10.0
+
+
+SLOW_REPLY_SECONDS = 15  # a request still unanswered after this long says so: a slow server never waits silently
+
+
+class HttpEndpoint:
+    """POSTs to one server: every request with a timeout; connection failures, timeouts and 5xx answers retried with
+    doubling waits (1 s, 2 s, ... at most 60 s) for up to retry_minutes, each wait announced, then RewardServerLost.
+    The official client retries HTTP 500 up to 1000 times (`flow_grpo/rewards.py`, `geneval_score`: urllib3 Retry,
+    backoff_factor 1): hours, without a word."""
+
+    def __init__(self, url: str, what: str, how_to_start: str, options: ServerOptions):
+        self.url, self.what, self.how_to_start = url, what, how_to_start
+        self.timeout, self.retry_seconds = options.timeout, 60 * options.retry_minutes
+
+    def post_once(self, body: bytes, headers: dict) -> tuple[int, bytes]:
+        parts = urllib.parse.urlsplit(self.url)
+        connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = connection_class(parts.hostname, parts.port, timeout=self.timeout)
+        notice = threading.Timer(
+            SLOW_REPLY_SECONDS,
+            lambda: print(
+                f"waiting for the {self.what} at {self.url} (no answer after {SLOW_REPLY_SECONDS}s)...",
+                file=sys.stderr,
+                flush=True,
+            ),
+        )
+        notice.daemon = True
+        notice.start()
+        try:
+            connection.request("POST", parts.path or "/", body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            notice.cancel()
+            connection.close()
+
+    def post(self, body: bytes, headers: dict, retry: bool = True) -> bytes:
+        """The answer's body; retry=False (the check at start) fails at once with how to start the server."""
+        deadline, wait = time.monotonic() + self.retry_seconds, 1.0
+        while True:
+            try:
+                status, answer = self.post_once(body, headers)
+                if status == 200:
+                    return answer
+                last_line = (answer.decode("utf-8", "replace").strip().splitlines() or [""])[-1][:200]
+                problem = f"HTTP {status}: {last_line}"
+                if status < 500:  # the request itself is wrong: repeating it cannot help
+                    raise RewardServerError(f"the {self.what} at {self.url} refused the request ({problem})")
+            except (OSError, http.client.HTTPException) as error:  # refused, reset, timed out, cut off
+                problem = f"{type(error).__name__}: {error}"
+            if not retry:
+                raise RewardServerError(f"cannot use the {self.what} at {self.url} ({problem}): {self.how_to_start}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RewardServerLost(
+                    f"the {self.what} at {self.url} failed for {self.retry_seconds / 60:g} min "
+                    f"(--reward-retry-minutes; last: {problem})"
+                )
+            print(
+                f"waiting for the {self.what} at {self.url} ({problem}): retrying in {min(wait, left):.0f}s, "
+                f"giving up in {left / 60:.1f} min",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(min(wait, left))
+            wait = min(2 * wait, 60.0)
+
+
+class PlainUnpickler(pickle.Unpickler):
+    """Unpickles plain containers, numbers, strings and bytes only: they have opcodes of their own, whereas anything
+    that could run code (a class, a function to call) must be looked up by name, here refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+
+def plain_loads(data: bytes, source: str):
+    """A pickle from a server, decoded by PlainUnpickler: a compromised or wrong server cannot run code here."""
+    try:
+        return PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as error:  # untrusted bytes can fail in many ways; each is the server's fault
+        raise RewardServerError(
+            f"refused the answer of {source}: a reward server must answer a pickle of plain containers, numbers and "
+            f"strings, and this one is not ({type(error).__name__}: {error})"
+        ) from None
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    """PIL's JPEG at its default quality (75), as the official client compresses every image before sending it."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_REQUEST_SIZE = 64  # images per request, as the official client
+GENEVAL_HOW_TO_START = (
+    'start it with gunicorn "app_geneval:create_app()" in a checkout of yifan123/reward-server (docs/geneval.md), '
+    "or pass its address with --reward-server HOST:PORT"
+)
+# A line of the official dataset/geneval/test_metadata.jsonl, sent with a grey image to check the server at start.
+GENEVAL_PROBE = {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}
+
+
+class GenevalReward:
+    """GenEval through the official reward server (yifan123/reward-server, `app_geneval.py`; protocol of the official
+    client `flow_grpo/rewards.py`, `geneval_score`): a POST of pickle.dumps({"images": JPEG bytes, "meta_datas": each
+    image's metadata, "only_strict": bool}), answered by a pickle of {"scores", "rewards", "strict_rewards",
+    "group_rewards", "group_strict_rewards"}.
+
+    The training reward is "scores", the partial credit of `evaluate_reward` in the server's `gen_eval.py` (the mean
+    over the prompt's clauses of 1 - |expected - found| / expected): the official `multi_score` weights exactly this
+    one. Logged beside it: geneval_strict ("strict_rewards", 1 when every clause holds), geneval_accuracy ("rewards",
+    GenEval's own check, the paper's metric) and geneval_TAG (1 when the image is of TAG and correct; the server pads
+    other tags with -10, which counts as 0 here), from which geneval_summary computes the paper's GenEval score.
+    Deviation: only_strict is always False. The official training sends True, which only spares the server GenEval's
+    own check (its "rewards" then read 0); sending False costs that check and logs the paper's accuracy every step."""
+
+    logged = ("geneval_strict", "geneval_accuracy", *(f"geneval_{tag}" for tag in GENEVAL_TAGS))
+
+    def __init__(self, options: ServerOptions):
+        self.endpoint = HttpEndpoint(
+            f"http://{options.geneval}/", "GenEval reward server", GENEVAL_HOW_TO_START, options
+        )
+
+    def request(self, images, metadata, retry: bool = True) -> dict:
+        body = pickle.dumps(
+            {"images": [jpeg_bytes(i) for i in images], "meta_datas": list(metadata), "only_strict": False}
+        )
+        answer = plain_loads(self.endpoint.post(body, {"Content-Type": "application/octet-stream"}, retry), self.source)
+        n = len(images)
+        lists = ("scores", "rewards", "strict_rewards")
+        wrong = not isinstance(answer, dict) or any(not isinstance(answer.get(k), list) for k in lists)
+        wrong = wrong or not isinstance(answer.get("group_rewards"), dict)
+        if wrong or any(len(answer[k]) != n for k in lists):
+            got = (
+                {k: len(v) if isinstance(v, (list, dict)) else type(v).__name__ for k, v in answer.items()}
+                if isinstance(answer, dict)
+                else type(answer).__name__
+            )
+            raise RewardServerError(
+                f"the answer of {self.source} is not the reward server's: expected lists 'scores', 'rewards', "
+                f"'strict_rewards' of {n} numbers and a dict 'group_rewards', got {got}: {GENEVAL_HOW_TO_START}"
+            )
+        return answer
+
+    @property
+    def source(self) -> str:
+        return f"the GenEval reward server at {self.endpoint.url}"
+
+    def probe(self):
+        """One grey image with a real GenEval line, no retries: fails at start with how to start the server."""
+        self.request([Image.new("RGB", (64, 64), (128, 128, 128))], [GENEVAL_PROBE], retry=False)
+
+    def __call__(self, images, prompts, metadata) -> dict:
+        missing = [i for i, m in enumerate(metadata) if not isinstance(m, dict) or "tag" not in m]
+        if missing:
+            raise ValueError(
+                f"reward 'geneval' needs each prompt's GenEval metadata ('tag', 'include', ...), and prompt "
+                f"{prompts[missing[0]]!r} has none: pass --prompts and --eval-prompts as .jsonl files "
+                "(the official dataset/geneval/train_metadata.jsonl and test_metadata.jsonl)"
+            )
+        columns = {name: [] for name in ("geneval", *self.logged)}
+        for start in range(0, len(images), GENEVAL_REQUEST_SIZE):
+            chunk = slice(start, start + GENEVAL_REQUEST_SIZE)
+            answer = self.request(images[chunk], metadata[chunk])
+            n = len(answer["scores"])
+            columns["geneval"] += answer["scores"]
+            columns["geneval_strict"] += answer["strict_rewards"]
+            columns["geneval_accuracy"] += answer["rewards"]
+            for tag in GENEVAL_TAGS:
+                values = answer["group_rewards"].get(tag, [-10.0] * n)
+                columns[f"geneval_{tag}"] += [max(v, 0.0) for v in values] if len(values) == n else values
+        return columns
+
+
+def geneval_summary(means: dict, metadata: Sequence[dict], prefix: str = "eval_") -> dict:
+    """The GenEval score the paper reports, from the means over the evaluation images that evaluate() returns:
+    the accuracy of each tag (its images found correct, over its images; mean(geneval_TAG) x N / N_TAG), and their
+    mean over the tags (GenEval's overall score: the six tasks weigh equally, whatever their prompt counts); over the
+    tags present when the evaluation prompts hold fewer than six."""
+    counts = {tag: sum(m.get("tag") == tag for m in metadata) for tag in GENEVAL_TAGS}
+    accuracy = {
+        tag: means[f"{prefix}geneval_{tag}"] * len(metadata) / counts[tag]
+        for tag in GENEVAL_TAGS
+        if counts[tag] and f"{prefix}geneval_{tag}" in means
+    }
+    if not accuracy:
+        return {}
+    summary = {f"{prefix}geneval_{tag}_accuracy": value for tag, value in accuracy.items()}
+    return {f"{prefix}geneval_score": sum(accuracy.values()) / len(accuracy), **summary}
+
+
+def check_servers(spec: str, options: ServerOptions):
+    """Ask each served reward of the spec once, without retries: RewardServerError, with how to start it, if one is
+    down or answers something else. Called before the model loads and before anything is written."""
+    names = [name for name, _ in parse_reward_spec(spec)]
+    if "geneval" in names:
+        GenevalReward(options).probe()

@@ -3264,3 +3264,251 @@ def test_a_malformed_jsonl_line_is_one_error_naming_file_and_line(tmp_path):
     (prompt,) = F.read_prompts(str(path), [])
     assert prompt == "a cat" and F.prompt_metadata(prompt) == {"prompt": " a cat ", "tag": "x"}
     assert F.prompt_metadata("plain text") == {}
+
+
+class StandInServer:
+    """A real HTTP server on 127.0.0.1 (a free port) in a thread, answering POSTs with handle(path, body) ->
+    (status, bytes). kill() closes it as a crashed server (refused connections); start() again on the same port."""
+
+    def __init__(self, handle, port=0):
+        import http.server
+        import threading
+
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                owner.requests.append((self.path, dict(self.headers), body))
+                status, answer = handle(self.path, body)
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+                if owner.kill_after == len(owner.requests):
+                    threading.Thread(target=owner.kill).start()
+
+            def log_message(self, *args):
+                pass
+
+        self.requests, self.kill_after = [], None
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self):
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def stand_in_geneval(image, metadata):
+    """The stand-in detector: a deterministic function of the decoded pixels and the metadata. Returns (score,
+    strict, correct) as the official server's evaluate_reward / evaluate would."""
+    brightness = float(np.asarray(image.convert("L"), dtype=np.float64).mean()) / 255
+    count = metadata["include"][0]["count"]
+    score = round(1 - abs(brightness - 0.1 * count), 6)
+    return score, float(score > 0.8), float(brightness > 0.5)
+
+
+def geneval_answer(path, body):
+    """What the official app_geneval.py does with a request: pickle.loads, JPEG images, meta_datas, only_strict;
+    the answer shaped as its compute_geneval's (the six tags, -10 for the tags an image is not of)."""
+    import pickle
+
+    data = pickle.loads(body)
+    images = [Image.open(io.BytesIO(d), formats=["jpeg"]) for d in data["images"]]
+    results = [stand_in_geneval(image, m) for image, m in zip(images, data["meta_datas"])]
+    tags = [m["tag"] for m in data["meta_datas"]]
+    group = {tag: [r[2] if t == tag else -10.0 for r, t in zip(results, tags)] for tag in rewards.GENEVAL_TAGS}
+    answer = {
+        "scores": [r[0] for r in results],
+        "strict_rewards": [r[1] for r in results],
+        "rewards": [0.0 if data["only_strict"] else r[2] for r in results],
+        "group_rewards": group,
+        "group_strict_rewards": group,
+    }
+    return 200, pickle.dumps(answer)
+
+
+@pytest.fixture
+def geneval_server():
+    server = StandInServer(geneval_answer)
+    yield server
+    server.kill()
+
+
+GENEVAL_ITEMS = [
+    {"tag": "counting", "include": [{"class": "cat", "count": 3}], "prompt": "a photo of three cats"},
+    {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+    {"tag": "counting", "include": [{"class": "dog", "count": 2}], "prompt": "a photo of two dogs"},
+]
+
+
+def test_geneval_speaks_the_official_protocol(geneval_server):
+    import pickle
+
+    options = rewards.ServerOptions(geneval=geneval_server.address)
+    reward = rewards.load_reward("geneval", servers=options)
+    pixels = torch.linspace(0, 1, 4).view(4, 1, 1, 1).expand(4, 3, 16, 16)  # four flat images, dark to bright
+    out = reward(pixels, [m["prompt"] for m in GENEVAL_ITEMS], metadata=GENEVAL_ITEMS)
+    ((path, headers, body),) = geneval_server.requests
+    # The request as the official client builds it (flow_grpo/rewards.py, geneval_score): PIL's default JPEG of
+    # round(255 x) as uint8, the metadata list, only_strict; POSTed to the server's root.
+    official_jpegs = []
+    for image in (pixels * 255).round().clamp(0, 255).to(torch.uint8).numpy().transpose(0, 2, 3, 1):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG")
+        official_jpegs.append(buffer.getvalue())
+    assert path == "/" and pickle.loads(body) == {
+        "images": official_jpegs,
+        "meta_datas": GENEVAL_ITEMS,
+        "only_strict": False,
+    }
+    expected = [stand_in_geneval(Image.open(io.BytesIO(j)), m) for j, m in zip(official_jpegs, GENEVAL_ITEMS)]
+    assert out["geneval"].tolist() == pytest.approx([e[0] for e in expected]) == out["reward"].tolist()
+    assert out["geneval_strict"].tolist() == [e[1] for e in expected]
+    assert out["geneval_accuracy"].tolist() == [e[2] for e in expected] == [0, 0, 1, 1]
+    assert out["geneval_counting"].tolist() == [0, 0, 0, 1] and out["geneval_single_object"].tolist() == [0, 0, 1, 0]
+    assert set(out) == {"geneval", *rewards.GenevalReward.logged, "reward"}
+    # The evaluation's summary: counting 1 of 2, colors 0 of 1, single_object 1 of 1 -> (0.5 + 0 + 1) / 3.
+    means = {f"eval_{k}": v.mean().item() for k, v in out.items()}
+    summary = rewards.geneval_summary(means, GENEVAL_ITEMS)
+    assert summary == pytest.approx(
+        {
+            "eval_geneval_score": 0.5,
+            "eval_geneval_counting_accuracy": 0.5,
+            "eval_geneval_colors_accuracy": 0.0,
+            "eval_geneval_single_object_accuracy": 1.0,
+        }
+    )
+
+
+def test_a_reward_server_answer_that_would_run_code_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').close()",)
+
+    payload = pickle.dumps({"scores": [Exploit()]})
+    pickle.loads(payload)  # the payload is live: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    server = StandInServer(lambda path, body: (200, payload))
+    try:
+        reward = rewards.load_reward("geneval", servers=rewards.ServerOptions(geneval=server.address))
+        with pytest.raises(
+            rewards.RewardServerError, match="refused the answer of the GenEval reward server .*builtins.exec"
+        ):
+            reward([Image.new("RGB", (8, 8))], ["a bench"], metadata=[GENEVAL_ITEMS[2]])
+    finally:
+        server.kill()
+    assert not marker.exists()
+
+
+def run_main(args):
+    """flow_grpo.main in this process: (exit code, every stderr line)."""
+    import contextlib
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            F.main(args)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+    return code, stderr.getvalue().splitlines()
+
+
+def test_geneval_run_survives_a_lost_server_and_resumes_as_if_never_stopped(tmp_path, geneval_server):
+    from safetensors.torch import load_file
+
+    train = write_jsonl(tmp_path / "train_metadata.jsonl", GENEVAL_ITEMS)
+    test = write_jsonl(tmp_path / "test_metadata.jsonl", GENEVAL_ITEMS[:3])
+    flags = TINY_FLAGS + ["--reward", "geneval", "--prompts", train, "--eval-prompts", test, "--max-steps", "2"]
+    flags += ["--group-size", "2", "--batch-size", "2", "--updates-per-step", "1", "--save-every", "1"]
+    flags += ["--reward-server", geneval_server.address, "--reward-retry-minutes", "0.02"]
+    whole = str(tmp_path / "whole")
+    assert run_main(flags + ["--out", whole])[0] == 0
+    # Requests: the check at start (one image), the evaluation at step 0 (3 prompts in batches of 2), each step's 2
+    # rollout batches, the last evaluation. A rollout request holds two images of one group: one prompt's metadata.
+    sent = [__import__("pickle").loads(body)["meta_datas"] for _, _, body in geneval_server.requests]
+    assert [len(m) for m in sent] == [1, 2, 1, 2, 2, 2, 2, 2, 1]
+    assert all(m[0] == m[1] and m[0] in GENEVAL_ITEMS for m in sent[3:7])
+    records = read_metrics(whole)
+    answers = [geneval_answer("/", body)[1] for _, _, body in geneval_server.requests]
+    answers = [__import__("pickle").loads(a) for a in answers]
+    step_1 = [s for a in answers[3:5] for s in a["scores"]]
+    assert records[0]["reward_mean"] == pytest.approx(sum(step_1) / 4) == records[0]["geneval_mean"]
+    final_correct = [c for a in answers[7:] for c in a["rewards"]]  # counting, colors, single_object
+    assert records[1]["eval_geneval_score"] == pytest.approx(sum(final_correct) / 3)
+    assert records[1]["eval_geneval_counting_accuracy"] == pytest.approx(final_correct[0])
+
+    # The same run with the server killed after step 1's rewards: retried, then stopped with one line.
+    geneval_server.requests.clear()
+    geneval_server.kill_after = 5
+    stopped = str(tmp_path / "stopped")
+    code, lines = run_main(flags + ["--out", stopped])
+    errors = [line for line in lines if line.startswith("error")]
+    assert code == 1 and len(errors) == 1, lines
+    assert f"GenEval reward server at http://{geneval_server.address}/ failed for 0.02 min" in errors[0]
+    assert f"the last checkpoint is {stopped}/checkpoints/step_000001 (step 1); continue with: " in errors[0]
+    assert errors[0].endswith(" --resume") and any(line.startswith("waiting for the GenEval") for line in lines)
+    assert [r["step"] for r in read_metrics(stopped)] == [1]
+    # The server is back on the same address: --resume ends where the uninterrupted run ended.
+    geneval_server.__init__(geneval_answer, port=geneval_server.port)
+    assert run_main(flags + ["--out", stopped, "--resume"])[0] == 0
+    for name in ("lora/pytorch_lora_weights.safetensors", "checkpoints/step_000002/lora.safetensors"):
+        a, b = load_file(f"{whole}/{name}"), load_file(f"{stopped}/{name}")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("seconds_")}  # noqa: E731
+    assert [strip(r) for r in read_metrics(stopped)] == [strip(r) for r in records]
+
+
+def test_geneval_server_down_at_start_is_one_line_exit_2_before_anything(tmp_path, geneval_server, monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the server was found down")
+
+    monkeypatch.setattr(F, "load_pipeline", load)
+    train = write_jsonl(tmp_path / "train.jsonl", GENEVAL_ITEMS)
+    flags = TINY_FLAGS + ["--reward", "geneval", "--prompts", train, "--eval-prompts", train]
+    address = geneval_server.address
+    geneval_server.kill()
+    out = tmp_path / "out"
+    code, lines = run_main(flags + ["--reward-server", address, "--out", str(out)])
+    assert code == 2 and len(lines) == 1, lines
+    assert f"cannot use the GenEval reward server at http://{address}/ (ConnectionRefusedError" in lines[0]
+    assert 'gunicorn "app_geneval:create_app()"' in lines[0] and not out.exists()
+    # A server of another protocol (here one answering JSON) is refused as clearly.
+    other = StandInServer(lambda path, body: (200, b'{"scores": [1]}'))
+    code, lines = run_main(flags + ["--reward-server", other.address, "--out", str(out)])
+    other.kill()
+    assert code == 2 and len(lines) == 1 and "a reward server must answer a pickle" in lines[0] and not out.exists()
+    # Prompts without GenEval metadata: refused before the server is asked.
+    code, lines = run_main(TINY_FLAGS + ["--reward", "geneval", "--out", str(out)])
+    assert code == 2 and "reward geneval needs GenEval metadata" in lines[0] and not out.exists()
+
+
+SERVED_REWARD_FLAG_CASES = {
+    "reward server without port": (
+        ["--reward-server", "localhost"],
+        "--reward-server 'localhost': write HOST:PORT",
+        None,
+    ),
+    "reward timeout 0": (["--reward-timeout", "0"], "--reward-timeout 0.0: use a positive number of seconds", None),
+    "negative retry": (["--reward-retry-minutes", "-1"], "--reward-retry-minutes -1.0: use 0 (no retries)", None),
+}
+FLAG_CASES.update(SERVED_REWARD_FLAG_CASES)
+
+
+@pytest.mark.parametrize("case", list(SERVED_REWARD_FLAG_CASES))
+def test_served_reward_flags_refuse_bad_values_before_any_work(case, tmp_path, monkeypatch):
+    test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, None, monkeypatch)
