@@ -51,6 +51,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -381,10 +382,17 @@ class Config:
     reward_server: str = config_field(
         "127.0.0.1:18085", "HOST:PORT of the GenEval reward server for --reward geneval (yifan123/reward-server)"
     )
-    reward_timeout: float = config_field(120.0, "seconds to wait for one answer of a reward server (geneval)")
+    reward_timeout: float = config_field(120.0, "seconds to wait for one answer of a reward server (geneval, vlm)")
     reward_retry_minutes: float = config_field(
         10.0, "a reward server lost mid-run is retried this long (doubling waits), then the run stops, resumable"
     )
+    vlm_url: str = config_field(
+        "http://127.0.0.1:17140/v1",
+        "base URL of the OpenAI-compatible endpoint of --reward vlm (API key: $VLM_API_KEY)",
+    )
+    vlm_model: str = config_field("UnifiedReward-7b-v1.5", "model name the --reward vlm endpoint serves")
+    vlm_template: str = config_field("", "file with the judge's question, {prompt} in it (default: UnifiedReward's)")
+    vlm_concurrency: int = config_field(8, "requests to the --reward vlm endpoint at once")
     prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
     eval_prompts: str = config_field("", "held-out prompts for evaluation, one per line (default: a built-in set)")
     out: str = config_field("runs/flow_grpo", "output folder")
@@ -1220,6 +1228,17 @@ def check_flags(cfg: Config):
     need(host and port.isdigit() and 0 < int(port) < 65536, "reward_server", "write HOST:PORT, e.g. 127.0.0.1:18085")
     need(cfg.reward_timeout > 0, "reward_timeout", "use a positive number of seconds (120 as the official client)")
     need(cfg.reward_retry_minutes >= 0, "reward_retry_minutes", "use 0 (no retries) or more minutes (10 by default)")
+    url = urllib.parse.urlsplit(cfg.vlm_url)
+    need(url.scheme in ("http", "https") and url.hostname, "vlm_url", "write e.g. http://127.0.0.1:17140/v1")
+    need(cfg.vlm_model.strip(), "vlm_model", "name the model the endpoint serves, e.g. UnifiedReward-7b-v1.5")
+    need(cfg.vlm_concurrency >= 1, "vlm_concurrency", "use 1 or more requests at once")
+    if cfg.vlm_template:
+        try:
+            with open(cfg.vlm_template, encoding="utf-8") as f:
+                template = f.read()
+        except (OSError, UnicodeDecodeError) as error:
+            need(False, "vlm_template", f"cannot read it ({getattr(error, 'strerror', None) or error})")
+        need("{prompt}" in template, "vlm_template", "write {prompt} where the image's prompt goes")
 
 
 def check_config(cfg: Config, dist: Distributed):
@@ -1357,7 +1376,13 @@ def server_options(cfg: Config):
     import rewards
 
     return rewards.ServerOptions(
-        geneval=cfg.reward_server, timeout=cfg.reward_timeout, retry_minutes=cfg.reward_retry_minutes
+        geneval=cfg.reward_server,
+        vlm_url=cfg.vlm_url,
+        vlm_model=cfg.vlm_model,
+        vlm_template=cfg.vlm_template,
+        vlm_concurrency=cfg.vlm_concurrency,
+        timeout=cfg.reward_timeout,
+        retry_minutes=cfg.reward_retry_minutes,
     )
 
 
@@ -1450,6 +1475,11 @@ def unlock_output_folder(out: str):
 # reward may move or answer slower: where it lives and how long to wait for it do not change the math).
 RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_reward"}
 RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes"}
+
+
+# A served reward may move or answer slower: where it lives and how long to wait for it do not change the math.
+RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
+RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes", "vlm_url", "vlm_concurrency"}
 
 
 def check_output_folder(cfg: Config, lock: bool = True):

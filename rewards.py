@@ -4,11 +4,13 @@ safetensors and rapidocr_onnxruntime when a reward that needs them is loaded."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import http.client
 import importlib
 import inspect
 import io
+import json
 import math
 import os
 import pickle
@@ -224,7 +226,7 @@ AESTHETIC_MLP_LOCAL_FILES = (
     "sac+logos+ava1-l14-linearMSE.pth",
 )
 BUILTIN_REWARDS = ("pickscore", "clipscore", "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "ocr")
-BUILTIN_REWARDS += tuple(COLOUR_CHANNELS) + ("geneval",)
+BUILTIN_REWARDS += tuple(COLOUR_CHANNELS) + ("geneval", "vlm")
 MODEL_REWARDS = ("pickscore", "clipscore", "aesthetic")  # the ones that can load their model from a local folder
 # What a local folder for each model reward must hold (said in error messages).
 FOLDER_CONTENTS = {
@@ -375,6 +377,8 @@ def _build(name: str, device, model_dir: str | None, cache: dict, servers: Serve
     a served one talks to the server that servers names."""
     if name == "geneval":
         return GenevalReward(servers)
+    if name == "vlm":
+        return VlmJudge(servers)
     if name == "pickscore":
         sources = (model_dir, model_dir) if model_dir else (PICKSCORE_MODEL, PICKSCORE_PROCESSOR)
         return functools.partial(clip_similarity, *_load_clip(name, *sources, device, cache), PICKSCORE_SCALE)
@@ -462,7 +466,7 @@ class ServerOptions(NamedTuple):
     vlm_model: str = "UnifiedReward-7b-v1.5"
     vlm_template: str = ""  # a file replacing UNIFIEDREWARD_TEMPLATE
     vlm_concurrency: int = 8
-    timeout: float = 120.0  # seconds per request: the official client's timeout=120
+    timeout: float = 120.0  # seconds per request: the official GenEval client's timeout=120
     retry_minutes: float = 10.0
 
 
@@ -664,3 +668,88 @@ def check_servers(spec: str, options: ServerOptions):
     names = [name for name, _ in parse_reward_spec(spec)]
     if "geneval" in names:
         GenevalReward(options).probe()
+    if "vlm" in names:
+        VlmJudge(options).probe()
+
+
+# The official UnifiedReward question (`flow_grpo/rewards.py`, `unifiedreward_score_sglang`, `evaluate_image`),
+# word for word: the judge was trained on it. {prompt} is replaced by the image's prompt.
+UNIFIEDREWARD_TEMPLATE = (
+    "<image>\nYou are given a text caption and a generated image based on that caption. Your task is to evaluate "
+    "this image based on two key criteria:\n1. Alignment with the Caption: Assess how well this image aligns with the "
+    "provided caption. Consider the accuracy of depicted objects, their relationships, and attributes as described in "
+    "the caption.\n2. Overall Image Quality: Examine the visual quality of this image, including clarity, detail "
+    "preservation, color accuracy, and overall aesthetic appeal.\nBased on the above criteria, assign a score from 1 "
+    "to 5 after 'Final Score:'.\nYour task is provided as follows:\nText Caption: [{prompt}]"
+)
+VLM_API_KEY_ENV = "VLM_API_KEY"  # the key is read from the environment only: a flag would land in config.json
+VLM_FINAL_SCORE = re.compile(r"Final Score:\s*([1-5](?:\.\d+)?)")  # the official `_extract_scores` pattern
+VLM_IMAGE_SIDE = 512  # the official judge sees every image resized to 512 x 512
+VLM_HOW_TO_START = (
+    "start an OpenAI-compatible server (vLLM or sglang, docs/geneval.md), or pass its URL with --vlm-url "
+    "and its model name with --vlm-model"
+)
+
+
+def vlm_score(reply: bytes, source: str) -> float:
+    """A chat completion's judgement as the official code reads it (`unifiedreward_score_sglang`, `_extract_scores`,
+    then `/ 5.0`): the first number after "Final Score:" matching [1-5](.digits)?, divided by 5. The official code
+    scores a reply without one 0, which would train on a judge's failure: here it is an error naming the reply."""
+    try:
+        content = json.loads(reply)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        text = reply[:200].decode("utf-8", "replace")
+        raise RewardServerError(
+            f"{source} answered no chat completion (no choices[0].message.content in {text!r}): {VLM_HOW_TO_START}"
+        ) from None
+    match = VLM_FINAL_SCORE.search(content) if isinstance(content, str) else None
+    if match is None:
+        raise RewardServerError(
+            f"the judge at {source} replied without 'Final Score: N' (N from 1 to 5): {str(content)[:200]!r}; "
+            "a template given with --vlm-template must ask for it"
+        )
+    return float(match.group(1)) / 5
+
+
+def png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class VlmJudge:
+    """r_i = the score a VLM judge behind an OpenAI-compatible chat-completions endpoint (vLLM, sglang) gives image i,
+    as the official `unifiedreward_score_sglang`: the image resized to 512 x 512 as a PNG data URL, then the question
+    (the UnifiedReward template by default, a file with --vlm-template), temperature 0; the reply read by vlm_score.
+    At most `concurrency` requests at once (official: the whole batch at once). Deviation: the data URL says
+    image/png (official: "data:image;base64,", which some servers refuse)."""
+
+    def __init__(self, options: ServerOptions):
+        url = options.vlm_url.rstrip("/") + "/chat/completions"
+        self.endpoint = HttpEndpoint(url, "VLM judge", VLM_HOW_TO_START, options)
+        self.model, self.concurrency = options.vlm_model, options.vlm_concurrency
+        self.template = UNIFIEDREWARD_TEMPLATE
+        if options.vlm_template:
+            with open(options.vlm_template, encoding="utf-8") as f:
+                self.template = f.read()
+        key = os.environ.get(VLM_API_KEY_ENV, "")
+        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+
+    def judge(self, image: Image.Image, prompt: str, retry: bool = True) -> float:
+        image = image.resize((VLM_IMAGE_SIDE, VLM_IMAGE_SIDE))
+        content = [
+            {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+            {"type": "text", "text": self.template.replace("{prompt}", prompt)},
+        ]
+        request = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        answer = self.endpoint.post(json.dumps(request).encode(), self.headers, retry)
+        return vlm_score(answer, self.endpoint.url)
+
+    def probe(self):
+        self.judge(Image.new("RGB", (64, 64), (128, 128, 128)), "a grey square", retry=False)
+
+    def __call__(self, images, prompts) -> list[float]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self.judge, images, prompts))

@@ -3512,3 +3512,132 @@ FLAG_CASES.update(SERVED_REWARD_FLAG_CASES)
 @pytest.mark.parametrize("case", list(SERVED_REWARD_FLAG_CASES))
 def test_served_reward_flags_refuse_bad_values_before_any_work(case, tmp_path, monkeypatch):
     test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, None, monkeypatch)
+
+
+def stand_in_judge(image, prompt):
+    """The stand-in judge's score: a deterministic function of the pixels and the prompt, from 1 to 5."""
+    red = float(np.asarray(image, dtype=np.float64)[..., 0].mean()) / 255
+    return round(1 + 4 * red * (len(prompt) % 2), 4)
+
+
+class StandInJudge:
+    """An OpenAI chat-completions server: decodes the data URL, answers 'Final Score: N' (stand_in_judge), and
+    counts the requests in flight."""
+
+    def __init__(self, reply=None):
+        import threading
+
+        self.lock, self.in_flight, self.most_in_flight = threading.Lock(), 0, 0
+        self.reply = reply
+        self.server = StandInServer(self.answer)
+
+    def answer(self, path, body):
+        import base64
+        import time
+
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        time.sleep(0.05)  # long enough for the client's other requests to arrive
+        request = json.loads(body)
+        image_part, text_part = request["messages"][0]["content"]
+        url = image_part["image_url"]["url"]
+        image = Image.open(io.BytesIO(base64.b64decode(url.removeprefix("data:image/png;base64,"))))
+        prompt = text_part["text"].rpartition("Text Caption: [")[2].removesuffix("]")
+        content = self.reply or f"The image is fine.\nFinal Score: {stand_in_judge(image, prompt)}"
+        with self.lock:
+            self.in_flight -= 1
+        return 200, json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+
+
+def test_vlm_judge_speaks_chat_completions_with_bounded_concurrency(monkeypatch):
+    judge = StandInJudge()
+    monkeypatch.setenv("VLM_API_KEY", "sekrit")
+    try:
+        options = rewards.ServerOptions(vlm_url=f"http://{judge.server.address}/v1", vlm_concurrency=3)
+        rewards.check_servers("vlm", options)  # the check at start: one request
+        reward = rewards.load_reward("vlm", servers=options)
+        pixels = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        prompts = [f"a cat{'s' * k}" for k in range(7)]
+        out = reward(pixels, prompts)
+    finally:
+        judge.server.kill()
+    requests = judge.server.requests[1:]
+    assert len(requests) == 7 and 1 < judge.most_in_flight <= 3
+    path, headers, body = requests[0]
+    request = json.loads(body)
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sekrit"
+    assert request["model"] == "UnifiedReward-7b-v1.5" and request["temperature"] == 0
+    texts = sorted(json.loads(b)["messages"][0]["content"][1]["text"] for _, _, b in requests)
+    assert texts == sorted(rewards.UNIFIEDREWARD_TEMPLATE.replace("{prompt}", p) for p in prompts)
+    # The official reading: the score over 5, of each image as the judge saw it (512 x 512, lossless PNG).
+    images = (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    seen = [Image.fromarray(i).resize((512, 512)) for i in images]
+    expected = [stand_in_judge(image, p) / 5 for image, p in zip(seen, prompts)]
+    assert out["vlm"].tolist() == pytest.approx(expected) and len(set(expected)) > 2
+    assert not any("key" in f.name for f in dataclasses.fields(F.Config))  # the key never lands in config.json
+
+
+@pytest.mark.parametrize(
+    "reply, score",
+    [
+        ("Final Score: 4", 0.8),
+        ("Alignment good.\nFinal Score: 3.5 out of 5", 0.7),
+        ("Final Score:5.25", 1.05),  # the official pattern [1-5](.digits)? reads 5.25, and so do we
+        ("Final Score: 10", 0.2),  # ... and reads "10" as 1
+        ("Final Score: 0", "without 'Final Score: N'"),  # official: 0; here an error
+        ("The image matches the caption well.", "without 'Final Score: N'"),
+        ("final score: 4", "without 'Final Score: N'"),  # the official pattern is case-sensitive
+        (None, "without 'Final Score: N'"),
+    ],
+)
+def test_vlm_replies_read_as_the_official_code_and_malformed_ones_are_errors(reply, score):
+    body = json.dumps({"choices": [{"message": {"content": reply}}]}).encode()
+    if isinstance(score, float):
+        assert rewards.vlm_score(body, "judge") == pytest.approx(score)
+    else:
+        with pytest.raises(rewards.RewardServerError, match=score):
+            rewards.vlm_score(body, "judge")
+
+
+@pytest.mark.parametrize("body", [b"<html>502 Bad Gateway</html>", b'{"choices": []}', b'{"error": "no model"}'])
+def test_vlm_answers_that_are_not_chat_completions_are_errors(body):
+    with pytest.raises(rewards.RewardServerError, match="answered no chat completion"):
+        rewards.vlm_score(body, "judge")
+
+
+def test_vlm_judge_down_or_mute_at_start_is_one_line_exit_2(tmp_path):
+    judge = StandInJudge(reply="I cannot see an image.")
+    flags = TINY_FLAGS + ["--reward", "vlm", "--vlm-url", f"http://{judge.server.address}/v1"]
+    out = tmp_path / "out"
+    code, lines = run_main(flags + ["--out", str(out)])
+    assert code == 2 and len(lines) == 1 and "replied without 'Final Score: N'" in lines[0] and not out.exists()
+    judge.server.kill()
+    code, lines = run_main(flags + ["--out", str(out)])
+    assert code == 2 and len(lines) == 1 and "cannot use the VLM judge at http://127.0.0.1" in lines[0]
+    assert "vLLM or sglang" in lines[0] and not out.exists()
+
+
+SERVED_REWARD_FLAG_CASES_VLM = {
+    "vlm url without scheme": (["--vlm-url", "127.0.0.1:17140"], "--vlm-url '127.0.0.1:17140': write e.g.", None),
+    "vlm model empty": (["--vlm-model", " "], "--vlm-model ' ': name the model", None),
+    "vlm template missing": (
+        ["--vlm-template", "/nonexistent/t.txt"],
+        "--vlm-template '/nonexistent/t.txt': cannot read",
+        None,
+    ),
+    "vlm concurrency 0": (["--vlm-concurrency", "0"], "--vlm-concurrency 0: use 1 or more", None),
+}
+FLAG_CASES.update(SERVED_REWARD_FLAG_CASES_VLM)
+
+
+@pytest.mark.parametrize("case", list(SERVED_REWARD_FLAG_CASES_VLM))
+def test_vlm_flags_refuse_bad_values_before_any_work(case, tmp_path, monkeypatch):
+    test_bad_input_is_one_line_exit_2_and_keeps_the_output_folder(case, tmp_path, None, monkeypatch)
+
+
+def test_a_vlm_template_without_its_prompt_is_refused(tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("Rate this image from 1 to 5 after 'Final Score:'.")
+    with pytest.raises(F.UsageError, match="--vlm-template .*: write \\{prompt\\} where the image's prompt goes"):
+        F.check_flags(dataclasses.replace(F.Config(), vlm_template=str(template)))
