@@ -3293,6 +3293,7 @@ class StandInServer:
 
         self.requests, self.kill_after = [], None
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.handle_error = lambda request, address: None  # a client that gave up (timeout): expected
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
@@ -3641,3 +3642,24 @@ def test_a_vlm_template_without_its_prompt_is_refused(tmp_path):
     template.write_text("Rate this image from 1 to 5 after 'Final Score:'.")
     with pytest.raises(F.UsageError, match="--vlm-template .*: write \\{prompt\\} where the image's prompt goes"):
         F.check_flags(dataclasses.replace(F.Config(), vlm_template=str(template)))
+
+
+def test_a_slow_reward_server_is_announced_and_timed_out(monkeypatch, capsys):
+    import time
+
+    def slow(path, body):
+        time.sleep(0.6)
+        return geneval_answer(path, body)
+
+    server = StandInServer(slow)
+    monkeypatch.setattr(rewards, "SLOW_REPLY_SECONDS", 0.2)
+    image, item = [Image.new("RGB", (8, 8))], [GENEVAL_ITEMS[2]]
+    try:
+        patient = rewards.GenevalReward(rewards.ServerOptions(geneval=server.address, timeout=5))
+        assert patient(image, ["a bench"], item)["geneval"] == [stand_in_geneval(image[0], item[0])[0]]
+        assert "waiting for the GenEval reward server at" in capsys.readouterr().err
+        hasty = rewards.GenevalReward(rewards.ServerOptions(geneval=server.address, timeout=0.3, retry_minutes=0))
+        with pytest.raises(rewards.RewardServerLost, match="failed for 0 min .*TimeoutError: timed out"):
+            hasty(image, ["a bench"], item)
+    finally:
+        server.kill()
