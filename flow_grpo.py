@@ -393,8 +393,10 @@ class Config:
     vlm_model: str = config_field("UnifiedReward-7b-v1.5", "model name the --reward vlm endpoint serves")
     vlm_template: str = config_field("", "file with the judge's question, {prompt} in it (default: UnifiedReward's)")
     vlm_concurrency: int = config_field(8, "requests to the --reward vlm endpoint at once")
-    prompts: str = config_field("", "training prompts, one per line (default: a built-in set)")
-    eval_prompts: str = config_field("", "held-out prompts for evaluation, one per line (default: a built-in set)")
+    prompts: str = config_field(
+        "", "training prompts, one per line, or a .jsonl of objects with a 'prompt' field (default: a built-in set)"
+    )
+    eval_prompts: str = config_field("", "held-out prompts for evaluation, as --prompts (default: a built-in set)")
     out: str = config_field("runs/flow_grpo", "output folder")
     seed: int = config_field(0, "seed of the prompt stream, the noise and the LoRA init")
     # Sampling (paper Sec. 4.1 and 4.2)

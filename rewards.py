@@ -197,10 +197,10 @@ class Reward:
         images, prompts = list(images), list(prompts)
         metadata = [{} for _ in prompts] if metadata is None else list(metadata)
         n = len(images)
-        if len(prompts) != n or len(metadata) != n:
-            raise ValueError(
-                f"reward got {n} images, {len(prompts)} prompts and {len(metadata)} metadata; pass one each per image"
-            )
+        if len(prompts) != n:
+            raise ValueError(f"reward got {n} images but {len(prompts)} prompts; pass one prompt per image")
+        if len(metadata) != n:
+            raise ValueError(f"reward got {n} images but {len(metadata)} metadata; pass one dict per image")
         out = {}
         for name, _, fn in self.components:
             result = fn(images, prompts, metadata=metadata) if takes_metadata(fn) else fn(images, prompts)
