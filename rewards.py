@@ -1,6 +1,7 @@
 """Reward models for Flow-GRPO: the formulas first, then their weighted sum (``Reward``), then parsing and loading
-(``load_reward("pickscore=1,aesthetic=0.2")``). Only torch and PIL are imported here; transformers, huggingface_hub,
-safetensors and rapidocr_onnxruntime when a reward that needs them is loaded."""
+(``load_reward("pickscore=1,aesthetic=0.2")``), then the rewards served by another process over HTTP (GenEval's
+reward server, VLM judges). Only torch, PIL and the standard library are imported here; transformers,
+huggingface_hub, safetensors and rapidocr_onnxruntime when a reward that needs them is loaded."""
 
 from __future__ import annotations
 
