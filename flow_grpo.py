@@ -968,6 +968,8 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     """Everything before the first step, in the order that fails cheapest first: the flags, the prompts, the
     run folder, the reward model, then SD3 (text encoders first: with precompute_text_embeds they leave before
     the transformer arrives), the LoRA, AdamW, and the checkpoint to resume from."""
+    import rewards
+
     check_config(cfg, dist)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.dtype, torch.bfloat16 if dist.device.type == "cuda" else torch.float32
@@ -1476,11 +1478,6 @@ def unlock_output_folder(out: str):
 # What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor; a served
 # reward may move or answer slower: where it lives and how long to wait for it do not change the math).
 RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_reward"}
-RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes"}
-
-
-# A served reward may move or answer slower: where it lives and how long to wait for it do not change the math.
-RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints"}
 RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes", "vlm_url", "vlm_concurrency"}
 
 
