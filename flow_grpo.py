@@ -449,6 +449,9 @@ class Config:
     save_every: int = config_field(20, "write a checkpoint (LoRA, EMA, optimizer, step) every this many steps")
     keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
+    log_with: str = config_field(
+        "", "also log to experiment trackers: tensorboard (in OUT/tensorboard), wandb, or both: tensorboard,wandb"
+    )
     dtype: str = config_field(
         "auto",
         "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)",
@@ -949,6 +952,7 @@ class Run(NamedTuple):
     eval_prompts: list
     start_step: int
     compiles: object  # CompileCounter with --compile, else None
+    trackers: object = None  # Trackers with --log-with, on rank 0; else None
 
 
 @dataclass
@@ -984,6 +988,8 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     check_output_folder(cfg, lock=dist.main)
     if dist.world > 1:
         torch.distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+    # Before the models load: a tracker that refuses to start (wandb not logged in) stops the run here.
+    trackers = Trackers(cfg) if dist.main and cfg.log_with else None
     try:
         reward_fn, eval_reward_fn = load_rewards(cfg, dist.device)
     except ValueError as error:
@@ -1023,6 +1029,7 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
         eval_prompts,
         start_step,
         compiles,
+        trackers,
     )
 
 
@@ -1094,6 +1101,8 @@ def end_step(record: dict, run: Run, cfg: Config, dist: Distributed):
         f.write(json.dumps(record) + "\n")
     if "eval_reward" in record:
         write_curves([cfg.out], f"{cfg.out}/curves.png")
+    if run.trackers:
+        run.trackers.log(record)
     if run.compiles and record["seconds_compile"]:  # once, unless something recompiles
         where = f"step {step}" + (" and the evaluation at step 0" if step == 1 else "")
         print(
@@ -1138,6 +1147,8 @@ def finish_run(run: Run, cfg: Config, dist: Distributed) -> TrainedRun:
         print(effect_size_line(read_metrics(cfg.out)), flush=True)
         with shown_weights(learner.params, learner.ema_params, cfg):
             save_lora(run.transformer, run.lora_config, f"{cfg.out}/lora")
+    if run.trackers:
+        run.trackers.close()
     return TrainedRun(run.pipe, run.transformer, learner.params, learner.ema_params)
 
 
@@ -1243,6 +1254,7 @@ def check_flags(cfg: Config):
         except (OSError, UnicodeDecodeError) as error:
             need(False, "vlm_template", f"cannot read it ({getattr(error, 'strerror', None) or error})")
         need("{prompt}" in template, "vlm_template", "write {prompt} where the image's prompt goes")
+    check_trackers(cfg.log_with)
 
 
 def check_config(cfg: Config, dist: Distributed):
@@ -1475,9 +1487,11 @@ def unlock_output_folder(out: str):
 
 
 # out: the folder may have been moved or named by another path since.
-# What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor; a served
-# reward may move or answer slower: where it lives and how long to wait for it do not change the math).
+# What a resumed run may change: none of them changes training (--eval-reward adds or drops a monitor, --log-with
+# a tracker; a served reward may move or answer slower: where it lives and how long to wait for it do not change
+# the math).
 RESUMABLE_CHANGES = {"resume", "out", "max_steps", "eval_every", "save_every", "keep_checkpoints", "eval_reward"}
+RESUMABLE_CHANGES |= {"log_with"}
 RESUMABLE_CHANGES |= {"reward_server", "reward_timeout", "reward_retry_minutes", "vlm_url", "vlm_concurrency"}
 
 
@@ -2181,6 +2195,146 @@ def write_curves(folders, path: str) -> bool:
     fig.savefig(path + ".tmp", format="png", dpi=100)
     os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
     return True
+
+
+# Experiment trackers (--log-with): TensorBoard, Weights & Biases ---------------------------------
+
+
+TRACKERS = ("tensorboard", "wandb")  # each is also the name of its pip package and of the module imported
+
+
+def tracker_names(log_with: str) -> list:
+    return list(dict.fromkeys(name.strip() for name in log_with.split(",") if name.strip()))
+
+
+def check_trackers(log_with: str):
+    """--log-with before any work: only trackers this file offers, each one's package installed."""
+    import importlib
+
+    names = tracker_names(log_with)
+    if (log_with.strip() and not names) or any(name not in TRACKERS for name in names):
+        raise UsageError(f"--log-with {log_with!r}: use tensorboard, wandb, or both: tensorboard,wandb")
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise UsageError(
+                f"--log-with {name} needs the {name} package, which is not installed: pip install {name}"
+            ) from None
+
+
+class Trackers:
+    """The trackers --log-with names, on rank 0: each step, every number of its metrics.jsonl record (the same
+    keys, bools as 0/1) and, at an evaluation, the images it wrote (eval_NNNNN.png, rollout_NNNNN.png when
+    present, curves.png), the step-0 evaluation's image with the first step."""
+
+    def __init__(self, cfg: Config):
+        self.out = cfg.out
+        self.trackers = [
+            {"tensorboard": TensorBoardLog, "wandb": WandbLog}[n](cfg) for n in tracker_names(cfg.log_with)
+        ]
+
+    def log(self, record: dict):
+        step = record["step"]
+        if step == 1 and os.path.isfile(f"{self.out}/eval_00000.png"):  # the base model, evaluated before step 1
+            self._log(0, {}, {"images/eval": f"{self.out}/eval_00000.png"})
+        scalars = {k: float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+        images = {}
+        if "eval_reward" in record:  # a file of an earlier, unevaluated attempt at this step is not this step's
+            for name, file in (
+                ("eval", f"eval_{step:05d}.png"),
+                ("rollout", f"rollout_{step:05d}.png"),
+                ("curves", "curves.png"),
+            ):
+                if os.path.isfile(f"{self.out}/{file}"):
+                    images[f"images/{name}"] = f"{self.out}/{file}"
+        self._log(step, scalars, images)
+
+    def _log(self, step: int, scalars: dict, images: dict):
+        for tracker in self.trackers:
+            tracker.log(step, scalars, images)
+
+    def close(self):
+        for tracker in self.trackers:
+            tracker.close()
+
+
+class TensorBoardLog:
+    """Event files in OUT/tensorboard (`tensorboard --logdir OUT/tensorboard`). A resumed run writes to the same
+    folder with purge_step = the first step it logs: TensorBoard then hides what the earlier attempt logged at
+    and after that step (the steps after the newest checkpoint, redone), so no step appears twice."""
+
+    def __init__(self, cfg: Config):
+        self.folder, self.resume, self.writer = f"{cfg.out}/tensorboard", cfg.resume, None
+
+    def log(self, step: int, scalars: dict, images: dict):
+        import numpy as np
+        from PIL import Image
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self.writer is None:  # a new run purges whatever a run that failed before its first step left
+            self.writer = SummaryWriter(self.folder, purge_step=step if self.resume else 0)
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
+        for key, path in images.items():
+            with Image.open(path) as image:
+                self.writer.add_image(key, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+        self.writer.flush()  # a killed run keeps every step it logged
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+class WandbLog:
+    """A Weights & Biases run (files in OUT/wandb; WANDB_MODE=offline logs locally, `wandb sync` uploads later).
+    Its id and the last step logged are kept in OUT/wandb/flow_grpo_run.json, so --resume continues the same run.
+    wandb cannot take back a step it holds: the steps a resumed run redoes (those after its newest checkpoint)
+    keep the first attempt's values there (equal on a CPU), and are not logged twice."""
+
+    def __init__(self, cfg: Config):
+        import wandb
+
+        self.path = f"{cfg.out}/wandb/flow_grpo_run.json"
+        saved = {}
+        if cfg.resume and os.path.isfile(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+        self.logged_through = saved.get("logged_through", -1)
+        os.makedirs(f"{cfg.out}/wandb", exist_ok=True)
+        try:
+            self.run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "flow_grpo"),
+                name=os.path.basename(os.path.normpath(cfg.out)),
+                id=saved.get("id"),  # None: a new run, its id chosen by wandb
+                resume="allow",
+                dir=cfg.out,
+                reinit="finish_previous",  # a run that failed in this process (a notebook) left its run open
+            )
+        except wandb.errors.Error as error:
+            raise UsageError(
+                f"--log-with wandb: {error} (or WANDB_MODE=offline: log here, `wandb sync` later)"
+            ) from None
+        self.run.config.update({k: v for k, v in vars(cfg).items() if k != "resume"}, allow_val_change=True)
+        self.id = self.run.id
+        self._save()
+
+    def log(self, step: int, scalars: dict, images: dict):
+        import wandb
+
+        if step <= self.logged_through:
+            return
+        self.run.log({**scalars, **{key: wandb.Image(path) for key, path in images.items()}}, step=step)
+        self.logged_through = step
+        self._save()
+
+    def _save(self):
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"id": self.id, "logged_through": self.logged_through}, f)
+        os.replace(self.path + ".tmp", self.path)
+
+    def close(self):
+        self.run.finish()
 
 
 # Speed and memory on a GPU: bf16 LoRA arithmetic, --compile, timers ------------------------------

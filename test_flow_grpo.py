@@ -2454,6 +2454,7 @@ FLAG_CASES = {
     "noise level too high": (["--noise-level", "2"], "--noise-level 2.0: use (0, 1.5]", None),
     "window past half": (["--sde-window", "3"], "--sde-window 3: use 0 (all steps) or 1..2", None),
     "unknown dtype": (["--dtype", "fp8"], "--dtype fp8: use auto, fp32, bf16 or fp16", None),
+    "tracker not offered": (["--log-with", "tensorboard,trackio"], "use tensorboard, wandb, or both", None),
 }
 # Found only by loading the model or running it (a reward's output): still one line, nothing lost.
 LATE_CASES = {"hub out of reach", "custom reward shape", "custom reward NaN", "resolution not a multiple"}
@@ -3663,3 +3664,167 @@ def test_a_slow_reward_server_is_announced_and_timed_out(monkeypatch, capsys):
             hasty(image, ["a bench"], item)
     finally:
         server.kill()
+
+
+# Experiment trackers (--log-with): TensorBoard and wandb, offline, read back from what they wrote
+# ------------------------------------------------------------------------------------------------
+
+
+def wandb_offline_history(run_file):
+    """{step: {key: value}} of the history records of a wandb offline run file (run-ID.wandb): after a 7-byte
+    header (":W&B", magic, version), LevelDB's log format (32 KiB blocks of records: crc32c, length, type
+    FULL 1 / FIRST 2 / MIDDLE 3 / LAST 4) around serialised wandb Record protobufs. wandb ships no reader."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, history = open(run_file, "rb").read(), {}
+    assert data[:4] == b":W&B"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending, pos = pending + data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item
+                }
+                assert record.history.step.num not in history  # a step twice in one file
+                history[record.history.step.num] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return history
+
+
+def kill_after_step(step, monkeypatch):
+    """end_step raises KeyboardInterrupt after step `step` was logged (as a kill before its checkpoint)."""
+    original = F.end_step
+
+    def end_step(record, *args):
+        original(record, *args)
+        if record["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(F, "end_step", end_step)
+
+
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """4 small steps logged to TensorBoard and wandb (offline), evaluated at steps 0, 2 and 4, checkpointed at
+    2 and 4, killed after step 3 was logged, then resumed: step 3 is redone from step 2's checkpoint. Returns the
+    folder and the metrics.jsonl records of the killed run."""
+    import wandb
+
+    folder = tmp_path_factory.mktemp("tracked") / "out"
+    small = dict(group_size=2, groups_per_step=2, batch_size=2, updates_per_step=1, num_steps=2, eval_num_steps=2)
+    eval_prompts = write_prompts(folder.parent, ["a red apple"])
+    cfg = tiny_config(folder, max_steps=4, eval_every=2, save_every=2, eval_prompts=str(eval_prompts), **small)
+    cfg.log_with = "tensorboard,wandb"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("CONFIG", "CACHE", "DATA"):
+            patch.setenv(f"WANDB_{name}_DIR", str(folder.parent / name.lower()))
+        patch.setenv("WANDB_MODE", "offline")
+        patch.setenv("WANDB_CONSOLE", "off")
+        patch.setenv("WANDB_SILENT", "true")
+        with pytest.MonkeyPatch.context() as killing:
+            kill_after_step(3, killing)
+            with pytest.raises(KeyboardInterrupt):
+                F.train(cfg)
+        killed = read_metrics(folder)
+        F.train(dataclasses.replace(cfg, resume=True))
+        wandb.teardown()  # wandb keeps the settings it read from the environment (offline) for the process
+    return folder, killed
+
+
+def logged_scalars(records):
+    """{key: [(step, value)]}: what a tracker should hold, from metrics.jsonl (bools as 0/1)."""
+    scalars = {}
+    for r in records:
+        for key, value in r.items():
+            if key != "step" and isinstance(value, (int, float)):
+                scalars.setdefault(key, []).append((r["step"], float(value)))
+    return scalars
+
+
+def png_pixels(source):
+    with Image.open(source) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_tensorboard_holds_each_step_of_metrics_jsonl_once_and_the_evaluation_images(tracked_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tracked_run, killed = tracked_run
+    records = read_metrics(tracked_run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["step"] for r in killed] == [1, 2, 3]
+    assert records[2]["seconds_train"] != killed[2]["seconds_train"]  # so the step 3 below is the redone one
+    events = EventAccumulator(str(tracked_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    expected = logged_scalars(records)
+    assert "eval_reward" in expected and "skipped_update" in expected and len(expected) > 15
+    assert set(events.Tags()["scalars"]) == set(expected)
+    for key, series in expected.items():  # float32 in the event file; step 3 once, from the resumed run
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(s, float(np.float32(v))) for s, v in series], key
+    assert set(events.Tags()["images"]) == {"images/eval", "images/curves"}
+    assert [e.step for e in events.Images("images/eval")] == [0, 2, 4]
+    assert [e.step for e in events.Images("images/curves")] == [2, 4]
+    for e in events.Images("images/eval"):
+        assert np.array_equal(
+            png_pixels(io.BytesIO(e.encoded_image_string)), png_pixels(tracked_run / f"eval_{e.step:05d}.png")
+        )
+
+
+def test_wandb_offline_run_is_resumed_and_holds_each_step_once_with_the_images(tracked_run):
+    tracked_run, killed = tracked_run
+    folder = tracked_run / "wandb"
+    run_id = json.loads((folder / "flow_grpo_run.json").read_text())["id"]
+    parts = sorted(folder.glob("offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in parts] == [run_id, run_id]  # the killed run and its resumption
+    first, resumed = (wandb_offline_history(p / f"run-{run_id}.wandb") for p in parts)
+    assert sorted(first) == [0, 1, 2, 3] and sorted(resumed) == [4]  # step 3 was logged before the kill
+    history = {**first, **resumed}
+    # wandb cannot take back a step: step 3 keeps the killed run's values (equal on a CPU but for the seconds).
+    for key, series in logged_scalars(killed + read_metrics(tracked_run)[3:]).items():
+        assert [(s, history[s][key]) for s, _ in series] == series, key
+    for step, part in ((0, parts[0]), (2, parts[0]), (4, parts[1])):
+        image = part / "files" / history[step]["images/eval/path"]
+        assert np.array_equal(png_pixels(image), png_pixels(tracked_run / f"eval_{step:05d}.png"))
+    assert [s for s in sorted(history) if "images/curves/path" in history[s]] == [2, 4]
+    assert [s for s in sorted(history) if "images/eval/path" in history[s]] == [0, 2, 4]
+
+
+def test_a_missing_tracker_package_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the missing package was reported")
+
+    monkeypatch.setattr(F, "load_pipeline", load)
+    out = tmp_path / "out"
+    code, errors = run_cli(TINY_FLAGS + ["--out", str(out), "--log-with", "tensorboard,wandb"])
+    assert code == 2
+    assert errors == ["error: --log-with wandb needs the wandb package, which is not installed: pip install wandb"]
+    assert not out.exists()
+
+
+def test_wandb_without_a_login_is_one_line_before_the_models_load(tmp_path, monkeypatch):
+    import wandb
+
+    wandb.teardown()  # whatever a run in this process set up (the settings it read) goes
+    for name in ("CONFIG", "CACHE", "DATA"):
+        monkeypatch.setenv(f"WANDB_{name}_DIR", str(tmp_path / name.lower()))
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before wandb refused to start")
+
+    monkeypatch.setattr(F, "load_pipeline", load)
+    code, errors = run_cli(TINY_FLAGS + ["--out", str(tmp_path / "out"), "--log-with", "wandb"])
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith("error: --log-with wandb: ") and "WANDB_MODE=offline" in errors[0], errors[0]
