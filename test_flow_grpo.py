@@ -3766,13 +3766,15 @@ def test_tensorboard_holds_each_step_of_metrics_jsonl_once_and_the_evaluation_im
     assert set(events.Tags()["scalars"]) == set(expected)
     for key, series in expected.items():  # float32 in the event file; step 3 once, from the resumed run
         assert [(e.step, e.value) for e in events.Scalars(key)] == [(s, float(np.float32(v))) for s, v in series], key
-    assert set(events.Tags()["images"]) == {"images/eval", "images/curves"}
+    assert set(events.Tags()["images"]) == {"images/eval", "images/rollout", "images/curves"}
     assert [e.step for e in events.Images("images/eval")] == [0, 2, 4]
+    assert [e.step for e in events.Images("images/rollout")] == [2, 4]
     assert [e.step for e in events.Images("images/curves")] == [2, 4]
-    for e in events.Images("images/eval"):
-        assert np.array_equal(
-            png_pixels(io.BytesIO(e.encoded_image_string)), png_pixels(tracked_run / f"eval_{e.step:05d}.png")
-        )
+    for name in ("eval", "rollout"):
+        for e in events.Images(f"images/{name}"):
+            assert np.array_equal(
+                png_pixels(io.BytesIO(e.encoded_image_string)), png_pixels(tracked_run / f"{name}_{e.step:05d}.png")
+            )
 
 
 def test_wandb_offline_run_is_resumed_and_holds_each_step_once_with_the_images(tracked_run):
@@ -3792,6 +3794,7 @@ def test_wandb_offline_run_is_resumed_and_holds_each_step_once_with_the_images(t
         assert np.array_equal(png_pixels(image), png_pixels(tracked_run / f"eval_{step:05d}.png"))
     assert [s for s in sorted(history) if "images/curves/path" in history[s]] == [2, 4]
     assert [s for s in sorted(history) if "images/eval/path" in history[s]] == [0, 2, 4]
+    assert [s for s in sorted(history) if "images/rollout/path" in history[s]] == [2, 4]
 
 
 def test_a_missing_tracker_package_is_one_line_before_any_work(tmp_path, monkeypatch):
