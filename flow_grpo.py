@@ -52,7 +52,7 @@ import tempfile
 import textwrap
 import time
 import urllib.parse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple
 
 
@@ -2337,6 +2337,154 @@ class WandbLog:
         self.run.finish()
 
 
+# The trained LoRA next to the base model (--compare) ---------------------------------------------
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file save_lora writes, as diffusers names it
+
+
+def read_run_config(run: str) -> Config:
+    """The Config of the run in folder `run`, from its config.json (a field added since takes its default)."""
+    path = os.path.join(run, "config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"{run} is not a run folder (no config.json): pass the --out folder of a run")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path} ({str(error)[:100]}): pass the --out folder of an intact run") from None
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in saved.items() if k in known})
+
+
+def compared_lora_folder(run: str, checkpoint: str) -> str:
+    """The folder of the diffusers-format LoRA that --checkpoint names: RUN/lora (the final EMA LoRA) when empty,
+    RUN/checkpoints/step_N for a step number N, else the folder given."""
+    found = sorted(int(os.path.basename(p).removeprefix("step_")) for p in glob.glob(f"{run}/checkpoints/step_*"))
+    steps = ", ".join(map(str, found)) or "none yet"
+    if not checkpoint:
+        folder = os.path.join(run, "lora")
+        if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
+            raise UsageError(
+                f"{run} has no lora/ (the run has not finished): pass --checkpoint N to compare the LoRA of one of "
+                f"its checkpoints (steps: {steps})"
+            )
+        return folder
+    if checkpoint.isdigit():
+        folder = os.path.join(run, "checkpoints", f"step_{int(checkpoint):06d}")
+        if not os.path.isdir(folder):
+            raise UsageError(f"--checkpoint {checkpoint}: {run} has no checkpoint of that step (steps: {steps})")
+    else:
+        folder = checkpoint
+    if not os.path.isfile(os.path.join(folder, LORA_WEIGHTS)):
+        raise UsageError(
+            f"--checkpoint {checkpoint}: {folder} holds no {LORA_WEIGHTS}: pass a step number or a folder "
+            "RUN/checkpoints/step_N"
+        )
+    return folder
+
+
+def base_dtype(name: str, device) -> torch.dtype:
+    """The dtype of the base weights that --dtype names: auto is bf16 on a GPU, fp32 on a CPU."""
+    auto = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(name, auto)
+
+
+def compare_noise(count: int, shape, seed: int) -> torch.Tensor:
+    """The initial noise of image i: its own seeded draw, so the first images are the same whatever --count."""
+    return torch.stack([torch.randn(shape, generator=seeded(seed, -2, i)) for i in range(count)])  # eval's is -1
+
+
+def compare_lora(
+    run, checkpoint="", prompts_file="", count=None, seed=0, scale=1.0, reward="", reward_model_dir=None, output=""
+):
+    """python flow_grpo.py --compare RUN: the base model and the run's (EMA) LoRA, each from the same initial noise
+    with the run's evaluation sampler (eval_num_steps ODE steps, a = 0, its CFG), side by side in one PNG with
+    each image's reward, and the mean reward of each printed. The LoRA is loaded the way a user does in plain
+    diffusers (load_lora_weights, set_adapters for the scale): what is compared is what a user gets. Under bf16
+    diffusers applies the LoRA in fp32 where training applied it in bf16 (lora_in_base_dtype)."""
+    import rewards
+
+    cfg = read_run_config(run)
+    resolve_model(cfg.model)
+    lora = compared_lora_folder(run, checkpoint)
+    if not math.isfinite(scale):
+        raise UsageError(f"--scale {scale}: use a finite number (1: the LoRA as trained, 0: the base model)")
+    if prompts_file:
+        prompts = read_prompts(prompts_file, ())
+    else:  # the run's evaluation prompts; its training prompts play no part here
+        _, prompts = read_prompt_sets(replace(cfg, prompts=""))
+    count = min(8, len(prompts)) if count is None else count
+    if not 1 <= count <= len(prompts):
+        raise UsageError(f"--count {count}: use 1..{len(prompts)}, the number of prompts")
+    prompts = prompts[:count]
+    output = output or os.path.join(run, "compare.png")
+    if not output.lower().endswith(".png"):
+        raise UsageError(f"--output {output}: name a .png file")
+    probe = os.path.join(os.path.dirname(os.path.abspath(output)), f".write_test_{os.getpid()}")
+    try:
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write {output}: {error.strerror}: pass --output FILE in a writable folder") from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reward = reward or cfg.reward
+    model_dirs = reward_model_dirs(cfg.reward_model_dir if reward_model_dir is None else reward_model_dir)
+    try:
+        reward_fn = rewards.load_reward(reward, device=device, model_dirs=model_dirs)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    pipe = load_pipeline(cfg.model, base_dtype(cfg.dtype, device))
+    pipe.to(device)
+    pipe.vae.to(torch.float32)  # as training decodes
+    pipe.set_progress_bar_config(disable=True)
+    batches = range(0, count, cfg.batch_size)
+    texts = [encode_prompts(pipe, prompts[i : i + cfg.batch_size], 1, cfg.guidance_scale, device) for i in batches]
+    pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # the prompts are encoded: free their memory
+    noise = compare_noise(count, latent_shape(pipe, cfg), seed)
+    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, device)
+
+    def draw():
+        images, scores = [], []
+        for i, text in zip(batches, texts):
+            x = noise[i : i + cfg.batch_size].to(device)
+            out = sample(pipe.transformer, text, x, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps)
+            batch_images = decode_images(pipe, out.latents[:, -1])
+            images += batch_images
+            result = score(reward_fn, batch_images, prompts[i : i + cfg.batch_size])
+            scores.append(torch.stack([result[name] for name in [*reward_fn.names, "reward"]], dim=1))
+        return images, torch.cat(scores).double()
+
+    base_images, base = draw()
+    pipe.load_lora_weights(lora, weight_name=LORA_WEIGHTS, adapter_name="flow_grpo")
+    pipe.set_adapters("flow_grpo", scale)
+    lora_images, tuned = draw()
+
+    captions, images = [], []
+    for i, prompt in enumerate(prompts):
+        images += [base_images[i], lora_images[i]]
+        captions += [f"base: {base[i, -1]:.4g} | {prompt}", f"LoRA: {tuned[i, -1]:.4g} | {prompt}"]
+    save_image_grid(images, captions, output, columns=min(4, 2 * count))
+
+    def means(scores):
+        line = f"mean reward {scores[:, -1].mean():.5g}"
+        if len(reward_fn.names) > 1:
+            line += " (" + ", ".join(f"{n} {scores[:, k].mean():.5g}" for k, n in enumerate(reward_fn.names)) + ")"
+        return line
+
+    difference = tuned[:, -1] - base[:, -1]
+    spread = f" ± {difference.std() / math.sqrt(count):.2g} (standard error)" if count > 1 else ""
+    print(f"{count} prompts, seed {seed}, {cfg.eval_num_steps}-step ODE, CFG {cfg.guidance_scale}, reward {reward}")
+    print(f"base: {means(base)}")
+    print(f"LoRA ({lora}, scale {scale:g}): {means(tuned)}")
+    print(
+        f"LoRA - base: {difference.mean():+.5g}{spread}; the LoRA scores higher on {int((difference > 0).sum())} "
+        f"of {count} prompts"
+    )
+    print(f"wrote {output}")
+
+
 # Speed and memory on a GPU: bf16 LoRA arithmetic, --compile, timers ------------------------------
 
 
@@ -2717,7 +2865,10 @@ def parse_config(argv=None, config_class=None, description=None, epilog=None):
     config_class = config_class or Config
     if config_class is Config:
         description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
-        epilog = "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help)"
+        epilog = (
+            "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help); "
+            "python flow_grpo.py --compare RUN draws a run's LoRA next to the base model (see --compare --help)"
+        )
     parser = argparse.ArgumentParser(description=description, epilog=epilog)
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
@@ -2796,12 +2947,62 @@ def plot_main(argv):
     print(f"wrote {output}")
 
 
+def compare_main(argv):
+    """python flow_grpo.py --compare RUN: the run's LoRA next to the base model (compare_lora)."""
+
+    parser = argparse.ArgumentParser(
+        prog="flow_grpo.py --compare",
+        description="Draw the base model and a run's (EMA) LoRA from the same initial noise with the run's "
+        "evaluation sampler (its --eval-num-steps ODE steps and --guidance-scale), side by side in one PNG with each "
+        "image's reward, and print the mean reward of each.",
+    )
+    parser.add_argument("run", metavar="RUN", help="the output folder (--out) of a run")
+    parser.add_argument(
+        "--checkpoint",
+        default="",
+        help="a step number (RUN/checkpoints/step_N) or a checkpoint folder (default: RUN/lora, the final LoRA)",
+    )
+    parser.add_argument("--prompts", default="", help="prompts, one per line (default: the run's evaluation prompts)")
+    parser.add_argument(
+        "--count", type=int, help="compare on the first this many prompts (default: 8, or all if fewer)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="LoRA scale: 1 as trained, 0 the base model (default: 1)"
+    )
+    parser.add_argument("--reward", default="", help="reward spec as in training (default: the run's --reward)")
+    parser.add_argument(
+        "--reward-model-dir",
+        default=None,
+        help="NAME=FOLDER[,NAME=FOLDER] as in training (default: the run's --reward-model-dir)",
+    )
+    parser.add_argument("--output", default="", help="PNG to write (default: RUN/compare.png)")
+    args = parser.parse_args(argv)
+    try:
+        compare_lora(
+            args.run,
+            args.checkpoint,
+            args.prompts,
+            args.count,
+            args.seed,
+            args.scale,
+            args.reward,
+            args.reward_model_dir,
+            args.output,
+        )
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
     import rewards
 
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["--plot"]:  # a figure of finished runs, not a training run
         return plot_main(args[1:])
+    if args[:1] == ["--compare"]:  # the LoRA of a run next to the base model
+        return compare_main(args[1:])
     # Under torchrun every process meets the same bad flag: rank 0 alone says it.
     rank = int(os.environ.get("RANK", "0"))
     with contextlib.redirect_stderr(io.StringIO()) if rank else contextlib.nullcontext():

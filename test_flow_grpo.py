@@ -3831,3 +3831,129 @@ def test_wandb_without_a_login_is_one_line_before_the_models_load(tmp_path, monk
     code, errors = run_cli(TINY_FLAGS + ["--out", str(tmp_path / "out"), "--log-with", "wandb"])
     assert code == 2 and len(errors) == 1, errors
     assert errors[0].startswith("error: --log-with wandb: ") and "WANDB_MODE=offline" in errors[0], errors[0]
+
+
+# --compare: the trained LoRA next to the base model
+# ------------------------------------------------------------------------------------------------
+
+
+def run_compare(args, monkeypatch, capsys):
+    """F.main(["--compare", *args]) observed: (final latents, images) of each decode, base batches first, and the
+    printed lines."""
+    decoded, decode = [], F.decode_images
+
+    def spy(pipe, latents):
+        decoded.append((latents.clone(), decode(pipe, latents)))
+        return decoded[-1][1]
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "decode_images", spy)
+        F.main(["--compare", *args])
+    return decoded, capsys.readouterr().out.splitlines()
+
+
+def tiny_ode_sample(transformer, prompts, seed):
+    """The 4-step ODE (the tiny runs' eval_num_steps) with CFG 4.5 from image i's noise: seeded(seed, -2, i)."""
+    pipe = F.build_tiny_pipeline()
+    noise = torch.stack([torch.randn(16, 8, 8, generator=F.seeded(seed, -2, i)) for i in range(len(prompts))])
+    sigmas, timesteps = F.schedule(pipe, 4, "cpu")
+    text = F.encode_prompts(pipe, prompts, 1, 4.5, "cpu")
+    return F.sample(transformer, text, noise, sigmas, timesteps, 4.5, [0.0] * 4).latents[:, -1]
+
+
+def assert_printed_means(lines, base_images, lora_images, prompts, reward_fn):
+    """The printed means and difference equal the hand computation from the rewards of the images."""
+    base_scores, lora_scores = reward_fn(base_images, prompts), reward_fn(lora_images, prompts)
+    base, lora = base_scores["reward"].double(), lora_scores["reward"].double()
+
+    def means(scores):  # the total, and each component of a mix
+        line = f"mean reward {scores['reward'].double().mean():.5g}"
+        if len(reward_fn.names) > 1:
+            line += " (" + ", ".join(f"{n} {scores[n].double().mean():.5g}" for n in reward_fn.names) + ")"
+        return line
+
+    assert f"base: {means(base_scores)}" in lines
+    (lora_line,) = [line for line in lines if line.startswith("LoRA (")]
+    assert lora_line.endswith(f": {means(lora_scores)}")
+    difference = lora - base
+    spread = f" ± {difference.std() / math.sqrt(len(prompts)):.2g} (standard error)" if len(prompts) > 1 else ""
+    higher = int((difference > 0).sum())
+    expected = f"LoRA - base: {difference.mean():+.5g}{spread}; the LoRA scores higher on {higher} of {len(prompts)}"
+    assert expected + " prompts" in lines
+
+
+def test_compare_draws_the_base_model_and_the_ema_lora_from_the_same_noise(checkpointed, tmp_path, monkeypatch, capsys):
+    trained_run, folder = checkpointed
+    run = tmp_path / "run"
+    shutil.copytree(folder, run)
+    decoded, lines = run_compare([str(run), "--count", "2"], monkeypatch, capsys)
+    ((base, base_images), (lora, lora_images)) = decoded  # one batch each (the run's --batch-size is 4)
+    prompts = F.BUILTIN_EVAL_PROMPTS[:2]  # the run's evaluation prompts
+    torch.testing.assert_close(base, tiny_ode_sample(F.build_tiny_pipeline().transformer, prompts, 0), rtol=0, atol=0)
+    with F.swap_in(trained_run.params, trained_run.ema_params):  # the final EMA weights, as train() returned them
+        ema = tiny_ode_sample(trained_run.transformer, prompts, 0)
+    raw = tiny_ode_sample(trained_run.transformer, prompts, 0)
+    torch.testing.assert_close(lora, ema, rtol=1e-4, atol=1e-5)
+    assert (lora - base).abs().max() > 1e-2 and (raw - ema).abs().max() > 1e-3  # neither the base nor the raw LoRA
+    assert_printed_means(lines, base_images, lora_images, prompts, rewards.load_reward("jpeg_compressibility"))
+    assert any(line.startswith(f"LoRA ({run / 'lora'}, scale 1): ") for line in lines)
+    assert lines[-1] == f"wrote {run / 'compare.png'}"
+    with Image.open(run / "compare.png") as figure:  # base | LoRA of both prompts in one row of 256 px tiles
+        assert figure.format == "PNG" and figure.size == (4 * 256, 256 + 48)
+
+
+def test_compare_a_checkpoint_at_scale_1_and_0_on_given_prompts_with_other_rewards(
+    checkpointed, tiny_clip_dir, tmp_path, monkeypatch, capsys
+):
+    from safetensors.torch import load_file
+
+    run = checkpointed[1]
+    prompts = ["a red fox in the snow", "a blue teapot"]
+    given = ["--prompts", str(write_prompts(tmp_path, prompts)), "--seed", "5"]
+    folder = run / "checkpoints" / "step_000001"
+    mix = "greenness=2,jpeg_compressibility"
+    args = [str(run), "--checkpoint", str(folder), "--reward", mix, *given, "--output", str(tmp_path / "step1.png")]
+    decoded, lines = run_compare(args, monkeypatch, capsys)  # --count: 8, or all 2 prompts of the file
+    ((base, base_images), (lora, lora_images)) = decoded
+    torch.testing.assert_close(base, tiny_ode_sample(F.build_tiny_pipeline().transformer, prompts, 5), rtol=0, atol=0)
+    ours, _ = F.add_lora(F.build_tiny_pipeline().transformer, tiny_config(run))
+    ema = load_file(folder / "ema.safetensors")  # step 1's EMA weights, as training saved them for resuming
+    with torch.no_grad():
+        for i, p in enumerate(F.lora_parameters(ours)):
+            p.copy_(ema[str(i)])
+    torch.testing.assert_close(lora, tiny_ode_sample(ours, prompts, 5), rtol=1e-4, atol=1e-5)
+    assert_printed_means(lines, base_images, lora_images, prompts, rewards.load_reward(mix))
+    # Step 1 by its number, at scale 0, on the first prompt: the base model's sample, bit for bit.
+    pickscore = ["--reward", "pickscore", "--reward-model-dir", f"pickscore={tiny_clip_dir}"]
+    args = [str(run), "--checkpoint", "1", "--scale", "0", "--count", "1", *pickscore, *given]
+    decoded, lines = run_compare([*args, "--output", str(tmp_path / "zero.png")], monkeypatch, capsys)
+    ((zero_base, zero_base_images), (zero_lora, zero_lora_images)) = decoded
+    assert torch.equal(zero_lora, zero_base)
+    torch.testing.assert_close(zero_base, base[:1], rtol=1e-5, atol=1e-6)  # the same noise; a batch of 1, not 2
+    reward_fn = rewards.load_reward("pickscore", model_dirs={"pickscore": tiny_clip_dir})
+    assert_printed_means(lines, zero_base_images, zero_lora_images, prompts[:1], reward_fn)
+    assert any(line.startswith(f"LoRA ({folder}, scale 0): ") for line in lines)
+    with Image.open(tmp_path / "zero.png") as figure:
+        assert figure.size == (2 * 256, 256 + 48)
+
+
+def test_compare_bad_input_is_one_line_exit_2_and_writes_nothing(checkpointed, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed[1], run)
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(checkpointed[1], unfinished, ignore=shutil.ignore_patterns("lora"))
+    cases = [
+        ([str(tmp_path / "nothing")], "is not a run folder (no config.json)"),
+        ([str(unfinished)], "has no lora/ (the run has not finished): pass --checkpoint N"),
+        ([str(run), "--checkpoint", "3"], "has no checkpoint of that step (steps: 1, 2)"),
+        ([str(run), "--scale", "nan"], "--scale nan: use a finite number"),
+    ]
+    for args, words in cases:
+        code, errors = run_cli(["--compare", *args])
+        assert code == 2 and len(errors) == 1 and words in errors[0], (args, errors)
+    assert "steps: 1, 2" in run_cli(["--compare", str(unfinished)])[1][0]
+    assert not os.path.exists(run / "compare.png") and not os.path.exists(unfinished / "compare.png")
+    with pytest.raises(SystemExit) as exit:
+        F.main(["--compare", "--help"])
+    assert exit.value.code == 0 and "--checkpoint" in capsys.readouterr().out
