@@ -2957,26 +2957,20 @@ def compare_main(argv):
         "image's reward, and print the mean reward of each.",
     )
     parser.add_argument("run", metavar="RUN", help="the output folder (--out) of a run")
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "--checkpoint",
         default="",
+        metavar="N|FOLDER",
         help="a step number (RUN/checkpoints/step_N) or a checkpoint folder (default: RUN/lora, the final LoRA)",
     )
-    parser.add_argument("--prompts", default="", help="prompts, one per line (default: the run's evaluation prompts)")
-    parser.add_argument(
-        "--count", type=int, help="compare on the first this many prompts (default: 8, or all if fewer)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    parser.add_argument(
-        "--scale", type=float, default=1.0, help="LoRA scale: 1 as trained, 0 the base model (default: 1)"
-    )
-    parser.add_argument("--reward", default="", help="reward spec as in training (default: the run's --reward)")
-    parser.add_argument(
-        "--reward-model-dir",
-        default=None,
-        help="NAME=FOLDER[,NAME=FOLDER] as in training (default: the run's --reward-model-dir)",
-    )
-    parser.add_argument("--output", default="", help="PNG to write (default: RUN/compare.png)")
+    add("--prompts", default="", metavar="FILE", help="prompts, one per line (default: the run's evaluation prompts)")
+    add("--count", type=int, metavar="N", help="compare on the first N prompts (default: 8, or all if fewer)")
+    add("--seed", type=int, default=0, metavar="N", help="seed of the initial noise (default: 0)")
+    add("--scale", type=float, default=1.0, help="LoRA scale: 1 as trained, 0 the base model (default: 1)")
+    add("--reward", default="", metavar="SPEC", help="reward spec as in training (default: the run's --reward)")
+    add("--reward-model-dir", metavar="NAME=FOLDER", help="as in training (default: the run's --reward-model-dir)")
+    add("--output", default="", metavar="FILE", help="PNG to write (default: RUN/compare.png)")
     args = parser.parse_args(argv)
     try:
         compare_lora(
