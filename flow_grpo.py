@@ -361,8 +361,11 @@ def grpo_step_objective(
 # --------------------------------------------------------------------------------------------------
 
 
-def config_field(default, help):
-    return field(default=default, metadata={"help": help})
+def config_field(default, help, choices=None, repeatable=False):
+    """A Config field: its flag's help (saying its default in words where the value alone would not, as
+    'default: a built-in set'), the values it takes (choices) and whether the flag may be repeated (its
+    values then joined by commas)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "repeatable": repeatable})
 
 
 @dataclass
@@ -378,7 +381,12 @@ class Config:
     eval_reward: str = config_field(
         "", "spec as --reward, scored on the evaluation images next to the training reward (default: --reward)"
     )
-    reward_model_dir: str = config_field("", "NAME=FOLDER[,NAME=FOLDER]: load a reward model from a local folder")
+    reward_model_dir: str = config_field(
+        "",
+        "NAME=FOLDER: load a model reward's model from a local folder, not the hub; several comma-separated or with "
+        "the flag repeated (default: none, every model from the hub)",
+        repeatable=True,
+    )
     reward_server: str = config_field(
         "127.0.0.1:18085", "HOST:PORT of the GenEval reward server for --reward geneval (yifan123/reward-server)"
     )
@@ -404,7 +412,9 @@ class Config:
     num_steps: int = config_field(10, "denoising steps of a training rollout (denoising reduction: 10, not 40)")
     eval_num_steps: int = config_field(40, "denoising steps of the evaluation ODE")
     guidance_scale: float = config_field(4.5, "classifier-free guidance in rollout, training and eval; 1 turns CFG off")
-    sde_type: str = config_field("sde", "'sde' (Flow-GRPO, Eq. 9) or 'cps' (coefficients-preserving sampling)")
+    sde_type: str = config_field(
+        "sde", "sde (Flow-GRPO, Eq. 9) or cps (coefficients-preserving sampling)", choices=("sde", "cps")
+    )
     noise_level: float = config_field(
         0.7, "a in sigma_t = a sqrt(sigma / (1 - sigma)); for cps, a in std = sigma_next sin(a pi / 2)"
     )
@@ -455,10 +465,13 @@ class Config:
     dtype: str = config_field(
         "auto",
         "base weights: fp32, bf16 or fp16; auto = bf16 on GPU, fp32 on CPU (LoRA weights and SDE math stay fp32)",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
     # Memory (a 24 GB GPU: README)
     precompute_text_embeds: bool = config_field(
-        False, "encode every prompt once into OUT/text_embeds on disk (1.7 MB each for SD3.5), then free the encoders"
+        False,
+        "encode the prompts the run draws and the eval prompts once into OUT/text_embeds on disk (1.7 MB each for "
+        "SD3.5), then free the encoders",
     )
     gradient_checkpointing: bool = config_field(False, "recompute transformer activations in the backward pass")
     # Speed (README)
@@ -491,10 +504,12 @@ def load_pipeline(model: str, dtype: torch.dtype):
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32)
         return StableDiffusion3Pipeline.from_pretrained(model, vae=vae, dtype=dtype)
     except OSError as error:
-        raise UsageError(
-            f"could not load '{model}' ({str(error).splitlines()[0][:120]}): if the hub is out of reach, download the "
-            "model elsewhere and pass its local folder with --model PATH"
-        ) from None
+        if os.path.isdir(model):
+            raise UsageError(f"could not load {model} ({str(error).splitlines()[0][:120]})") from None
+        import rewards
+
+        advice = rewards.hub_advice(model, error, "a local folder with --model PATH")
+        raise UsageError(f"could not load {model}: {advice}") from None
 
 
 def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
@@ -1275,7 +1290,7 @@ def check_config(cfg: Config, dist: Distributed):
             "(an optimizer "
             f"step takes whole trajectories)"
         )
-    if cfg.sde_type not in ("sde", "cps"):
+    if cfg.sde_type not in choices_of("sde_type"):
         raise UsageError(f"--sde-type {cfg.sde_type}: use sde or cps")
     largest = 1.5 if cfg.sde_type == "sde" else 1.0  # cps: sin(a pi / 2) peaks at a = 1
     if not 0 < cfg.noise_level <= largest:
@@ -1286,8 +1301,12 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError(f"--sde-window {cfg.sde_window}: use 0 (all steps) or 1..{cfg.num_steps // 2}")
     if cfg.ratio_norm and cfg.sde_type != "sde":
         raise UsageError("--ratio-norm is defined for --sde-type sde only (as in the official GRPO-Guard script)")
-    if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
+    if cfg.dtype not in choices_of("dtype"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
+
+
+def choices_of(name: str):
+    return next(f.metadata["choices"] for f in fields(Config) if f.name == name)
 
 
 MODEL_ALIASES = {
@@ -1330,12 +1349,15 @@ def check_resolution(pipe, cfg: Config):
 
 
 def reward_model_dirs(spec: str):
+    """{name: folder} of --reward-model-dir, NAME=FOLDER items comma-separated (a repeated flag arrives joined so)."""
     dirs = {}
     for item in filter(None, spec.split(",")):
-        name, sep, folder = item.partition("=")
+        name, sep, folder = (part.strip() for part in item.partition("="))
         if not sep or not folder:
             raise UsageError(f"--reward-model-dir '{item}': write NAME=FOLDER, e.g. pickscore=/models/pickscore")
-        dirs[name.strip()] = folder.strip()
+        if name in dirs:
+            raise UsageError(f"--reward-model-dir names {name} twice ({dirs[name]}, {folder}): give one folder each")
+        dirs[name] = folder
     return dirs
 
 
@@ -2858,25 +2880,77 @@ def build_tiny_pipeline(seed: int = 0):
 # --------------------------------------------------------------------------------------------------
 
 
+# The sections of --help, each Config field in exactly one (a test checks that a new field is placed).
+FLAG_GROUPS = {
+    "model and reward": ["model", "dtype", "reward", "eval_reward", "reward_model_dir"],
+    "served rewards (GenEval server, VLM judge)": ["reward_server", "reward_timeout", "reward_retry_minutes"]
+    + ["vlm_url", "vlm_model", "vlm_template", "vlm_concurrency"],
+    "data": ["prompts", "eval_prompts"],
+    "algorithm (paper Sec. 4: sampling, GRPO)": [
+        *["resolution", "num_steps", "eval_num_steps", "guidance_scale", "sde_type", "noise_level", "sde_window"],
+        *["group_size", "groups_per_step", "clip_range", "adv_clip", "global_std", "beta", "kl_dt_scale"],
+        *["ratio_norm", "train_fraction"],
+    ],
+    "optimiser and LoRA": ["lr", "weight_decay", "max_grad_norm", "updates_per_step", "lora_rank", "lora_alpha"]
+    + ["ema", "ema_every"],
+    "memory and speed (a 24 GB GPU: README)": ["batch_size", "precompute_text_embeds", "gradient_checkpointing"]
+    + ["compile"],
+    "run folder": ["out", "seed", "max_steps", "eval_every", "save_every", "keep_checkpoints", "resume", "log_with"],
+}
+
+# The README's official-set commands (its prompt files downloaded as it says), each with its own --out.
+RECIPES = """recipes (SD3.5-M, PickScore, the official prompt set; README "The full run"):
+  one 24 GB GPU:
+    python flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
+      --eval-prompts pickscore_test_256.txt --precompute-text-embeds --gradient-checkpointing \\
+      --out runs/pickscore_24gb
+  one 80 GB GPU (the defaults, ~59 GiB peak):
+    python flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
+      --eval-prompts pickscore_test_256.txt --out runs/pickscore_80gb
+  8 GPUs:
+    torchrun --nproc_per_node=8 flow_grpo.py --model sd3.5-medium --reward pickscore --groups-per-step 48 \\
+      --prompts pickscore_train.txt --eval-prompts pickscore_test.txt --out runs/pickscore_8gpu
+
+python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help);
+python flow_grpo.py --compare RUN draws a run's LoRA next to the base model (see --compare --help)"""
+
+
+class JoinRepeats(argparse.Action):
+    """A flag given several times keeps every value, joined by commas (never only the last one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, f"{previous},{values}" if previous else values)
+
+
 def parse_config(argv=None, config_class=None, description=None, epilog=None):
-    """The CLI of a config dataclass: every field a flag (--group-size 8), its help from config_field. toy_2d.py
-    uses it for its own Config."""
+    """The CLI of a config dataclass: every field a flag (--group-size 8), its help from config_field, its
+    default shown once, its choices as the metavar. toy_2d.py uses it for its own Config (no groups)."""
 
     config_class = config_class or Config
+    groups = {}
     if config_class is Config:
         description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
-        epilog = (
-            "python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help); "
-            "python flow_grpo.py --compare RUN draws a run's LoRA next to the base model (see --compare --help)"
-        )
-    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+        epilog, groups = RECIPES, FLAG_GROUPS
+    parser = argparse.ArgumentParser(
+        description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sections = {}
+    for title, names in groups.items():
+        sections.update(dict.fromkeys(names, parser.add_argument_group(title)))
     for f in fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help, choices = "--" + f.name.replace("_", "-"), f.metadata["help"], f.metadata.get("choices")
+        where = sections.get(f.name, parser)
         if type(f.default) is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            action = where.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            shown = flag if f.default else "--no-" + flag[2:]
         else:
-            help = f.metadata["help"] + " (default: %(default)s)"
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=help)
+            metavar = "{" + ",".join(choices) + "}" if choices else None
+            repeat = {"action": JoinRepeats} if f.metadata.get("repeatable") else {}
+            action = where.add_argument(flag, type=type(f.default), default=f.default, metavar=metavar, **repeat)
+            shown = "%(default)s"
+        # Set after add_argument: some Pythons' BooleanOptionalAction append a default of their own to the help.
+        action.help = help if "default:" in help else f"{help} (default: {shown})"
     return config_class(**vars(parser.parse_args(argv)))
 
 

@@ -298,15 +298,34 @@ def validate_scores(name: str, scores, n: int) -> torch.Tensor:
     return tensor
 
 
+def hub_advice(repo_id: str, error: BaseException, local: str) -> str:
+    """What to do after loading repo_id from the hub failed with error, told apart by huggingface_hub's exception
+    (diffusers and transformers re-raise it as an OSError `from` it, so the whole chain is searched): a gated model
+    this account has no access to, an id the hub does not show (a typo, or a gated or private model without a
+    login), or a model neither cached nor reachable (offline). `local` is the flag that names a local folder."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    access = f"accept the licence at https://huggingface.co/{repo_id} and log in (`hf auth login`), or pass {local}"
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return f"{repo_id} is a gated model and this account has no access to it: {access}"
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return f"the hub shows no model {repo_id} to this account: check the id; if it is gated or private, {access}"
+    if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
+        return f"{repo_id} is not in the hub cache and the hub is out of reach (offline?): online, {access}"
+    return f"{repo_id} could not be loaded from the hub: {access}"
+
+
 def _unavailable(name: str, source: str, err: Exception) -> RewardModelUnavailable:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    reason = f"reward {name!r}: cannot load {source!r} ({type(err).__name__}: {first_line})"
+    reason = f"reward {name!r}: cannot load {source!r} ({type(err).__name__}: {first_line[:120]})"
     if os.path.isdir(source):
         return RewardModelUnavailable(f"{reason}; the folder must hold {FOLDER_CONTENTS[name]}")
-    return RewardModelUnavailable(
-        f"{reason}; on a machine without hub access pass a local folder with "
-        f"--reward-model-dir {name}=FOLDER holding {FOLDER_CONTENTS[name]}"
-    )
+    local = f"a local folder with --reward-model-dir {name}=FOLDER holding {FOLDER_CONTENTS[name]}"
+    return RewardModelUnavailable(f"{reason}; {hub_advice(source, err, local)}")
 
 
 def clip_processor(source: str):
@@ -396,15 +415,21 @@ def _build(name: str, device, model_dir: str | None, cache: dict, servers: Serve
 
 
 def load_custom_reward(name: str) -> RewardFn:
-    """``module.function`` for a ``module:function`` reward, the module imported here."""
+    """``module.function`` for a ``module:function`` reward, the module imported here from the working directory,
+    the folder of this file (and of flow_grpo.py) or sys.path. ``python /elsewhere/flow_grpo.py`` puts only the
+    script's folder on sys.path, ``python -m`` only the working directory: both are searched whichever ran."""
     module_name, _, function_name = name.partition(":")
+    saved = list(sys.path)
+    sys.path[:0] = [os.getcwd(), os.path.dirname(os.path.abspath(__file__))]
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(
-            f"custom reward {name!r}: cannot import module {module_name!r} ({err}); "
-            "put it on PYTHONPATH or in the working directory"
+            f"custom reward {name!r}: cannot import module {module_name!r} ({err}); put it in the working "
+            "directory, next to flow_grpo.py or on PYTHONPATH"
         ) from err
+    finally:
+        sys.path[:] = saved
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise ValueError(

@@ -2400,7 +2400,7 @@ def bad_input_cases(tmp_path):
     (tmp_path / "a_file").write_text("x")
     return {
         "unknown alias": (["--model", "sd9-huge"], "unknown model 'sd9-huge'", "sd3.5-medium"),
-        "hub out of reach": (["--model", "nobody/no-such-model"], "pass its local folder with --model PATH", None),
+        "hub out of reach": (["--model", "nobody/no-such-model"], "or pass a local folder with --model PATH", None),
         "not an SD3 folder": (["--model", str(tmp_path / "not_a_model")], "is not a diffusers SD3 pipeline", None),
         "missing prompt file": (["--prompts", str(tmp_path / "nope.txt")], "cannot read prompt file", None),
         "unreadable prompt file": (["--prompts", str(tmp_path / "binary.txt")], "cannot read prompt file", None),
@@ -3957,3 +3957,195 @@ def test_compare_bad_input_is_one_line_exit_2_and_writes_nothing(checkpointed, t
     with pytest.raises(SystemExit) as exit:
         F.main(["--compare", "--help"])
     assert exit.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+
+
+# Issue 20: errors that say what to do, a --help that explains itself, a text cache of the drawn prompts
+# ------------------------------------------------------------------------------------------------
+
+
+def hub_error(kind, repo_id):
+    """The exception huggingface_hub raises for kind, as diffusers and transformers re-raise it: an OSError from it."""
+    import types
+
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    response = types.SimpleNamespace(headers={}, request=None)  # what HfHubHTTPError reads of an HTTP response
+    cause = {
+        "gated": lambda: GatedRepoError(f"Access to model {repo_id} is restricted.", response=response),
+        "missing": lambda: RepositoryNotFoundError(f"Repository Not Found for url: {repo_id}", response=response),
+        "offline": lambda: LocalEntryNotFoundError("Cannot find the requested files in the disk cache"),
+    }[kind]()
+    try:
+        raise cause
+    except OSError as error:
+        try:
+            raise OSError(f"Can't load the model for '{repo_id}'.") from error
+        except OSError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize(
+    "kind, says",
+    [("gated", "is a gated model"), ("missing", "shows no model"), ("offline", "out of reach (offline?)")],
+)
+def test_a_hub_model_that_fails_to_load_says_accept_the_licence_log_in_or_pass_a_folder(kind, says, monkeypatch):
+    import diffusers
+    import transformers
+
+    def failing(repo_id):
+        def from_pretrained(*args, **kwargs):
+            raise hub_error(kind, repo_id)
+
+        return from_pretrained
+
+    sd35 = "stabilityai/stable-diffusion-3.5-medium"
+    monkeypatch.setattr(diffusers.AutoencoderKL, "from_pretrained", failing(sd35))
+    with pytest.raises(F.UsageError) as info:
+        F.load_pipeline("sd3.5-medium", torch.float32)
+    message = str(info.value)
+    assert "\n" not in message and says in message, message
+    assert (
+        f"accept the licence at https://huggingface.co/{sd35} and log in (`hf auth login`), "
+        "or pass a local folder with --model PATH" in message
+    )
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", failing(rewards.PICKSCORE_MODEL))
+    with pytest.raises(rewards.RewardModelUnavailable) as info:
+        rewards.load_reward("pickscore")
+    message = str(info.value)
+    assert "\n" not in message and says in message, message
+    assert f"https://huggingface.co/{rewards.PICKSCORE_MODEL} and log in (`hf auth login`)" in message
+    assert "or pass a local folder with --reward-model-dir pickscore=FOLDER" in message
+
+
+def test_reward_model_dir_takes_several_folders_comma_separated_or_repeated():
+    both = {"pickscore": "/models/pickscore", "aesthetic": "/models/aesthetic"}
+    for argv in (
+        ["--reward-model-dir", "pickscore=/models/pickscore,aesthetic=/models/aesthetic"],
+        ["--reward-model-dir", "pickscore=/models/pickscore", "--reward-model-dir", "aesthetic=/models/aesthetic"],
+    ):
+        assert F.reward_model_dirs(F.parse_config(argv).reward_model_dir) == both
+    twice = F.parse_config(["--reward-model-dir", "pickscore=/a", "--reward-model-dir", "pickscore=/b"])
+    with pytest.raises(F.UsageError, match="names pickscore twice"):
+        F.reward_model_dirs(twice.reward_model_dir)
+
+
+def test_a_custom_reward_module_is_found_in_the_working_directory_and_next_to_the_script(tmp_path, monkeypatch):
+    import sys
+
+    here, script_folder = tmp_path / "here", tmp_path / "repo"
+    for folder, module in ((here, "reward_in_cwd"), (script_folder, "reward_by_script")):
+        folder.mkdir()
+        (folder / f"{module}.py").write_text("def score(images, prompts):\n    return [1.0] * len(images)\n")
+    # As `python /elsewhere/flow_grpo.py` run in `here`: neither folder is on sys.path.
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    monkeypatch.chdir(here)
+    monkeypatch.setattr(rewards, "__file__", str(script_folder / "rewards.py"))
+    try:
+        reward = rewards.load_reward("reward_in_cwd:score=1,reward_by_script:score=2")
+        assert reward([Image.new("RGB", (8, 8))] * 2, ["a", "b"])["reward"].tolist() == [3.0, 3.0]
+        assert str(here) not in sys.path and str(script_folder) not in sys.path  # only while importing
+    finally:
+        sys.modules.pop("reward_in_cwd", None)
+        sys.modules.pop("reward_by_script", None)
+
+
+def help_text(parse):
+    import contextlib
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), pytest.raises(SystemExit):
+        parse(["--help"])
+    return stdout.getvalue()
+
+
+def help_blocks(text):
+    """{flag: its help on one line} and {flag: the section it is listed under} of an argparse help."""
+    import re
+
+    blocks, sections, section, flag = {}, {}, None, None
+    for line in text.split("\n\n", 1)[1].splitlines():  # after the usage
+        if re.match(r"^\S.*:$", line):
+            section, flag = line[:-1], None
+        elif match := re.match(r"^  (--[\w-]+)", line):
+            flag = match.group(1)
+            blocks[flag], sections[flag] = line[len(flag) + 2 :], section
+        elif line.startswith("      ") and flag:
+            blocks[flag] += line
+        else:
+            flag = None
+    return {k: " ".join(v.split()) for k, v in blocks.items()}, sections
+
+
+def test_help_shows_each_default_once_the_choices_and_every_flag_in_its_group():
+    text = help_text(F.parse_config)
+    blocks, sections = help_blocks(text)
+    fields = dataclasses.fields(F.Config)
+    assert sorted(blocks) == sorted("--" + f.name.replace("_", "-") for f in fields)
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        block = "".join(blocks[flag].split())  # argparse may wrap a line inside --no-flag
+        assert block.count("default:") == 1, (flag, block)
+        if type(f.default) is bool:
+            shown = flag if f.default else "--no-" + flag[2:]
+        else:
+            shown = str(f.default) or {"reward_model_dir": "none", "prompts": "abuilt-in", "eval_prompts": "abuilt-in"}
+            shown = shown[f.name] if isinstance(shown, dict) else shown
+        assert f"(default:{shown}" in block, (flag, block)
+        title = next(t for t, names in F.FLAG_GROUPS.items() if f.name in names)
+        assert sections[flag] == title, (flag, sections[flag])
+    assert "--sde-type{sde,cps}" in "".join(text.split()) and "--dtype{auto,fp32,bf16,fp16}" in "".join(text.split())
+    placed = [name for names in F.FLAG_GROUPS.values() for name in names]
+    assert sorted(placed) == sorted(f.name for f in fields)  # every field in exactly one group
+    assert len(F.FLAG_GROUPS) == 6
+
+
+def test_help_recipes_parse_and_pass_the_flag_checks_each_with_its_own_out():
+    import shlex
+
+    text = help_text(F.parse_config)
+    commands = [shlex.split(c) for c in text.replace("\\\n", " ").splitlines() if "flow_grpo.py --model" in c]
+    assert len(commands) == 3
+    outs = set()
+    for command in commands:
+        world = 8 if command[0] == "torchrun" else 1
+        argv = command[command.index("flow_grpo.py") + 1 :]
+        cfg = F.parse_config(argv)
+        F.check_config(cfg, F.Distributed(0, world, torch.device("cpu")))
+        outs.add(cfg.out)
+    assert len(outs) == 3 and F.Config().out not in outs
+
+
+def test_the_toys_help_names_the_full_runs_flag_where_the_names_differ():
+    import re
+
+    blocks, _ = help_blocks(help_text(toy_2d.parse_args))
+    named = {flag: re.findall(r"flow_grpo\.py: (--[\w-]+)", block) for flag, block in blocks.items()}
+    named = {flag: names[0] for flag, names in named.items() if names}
+    assert named == {
+        "--eval-steps": "--eval-num-steps",
+        "--rollout-steps": "--num-steps",
+        "--cps-noise-level": "--noise-level",
+        "--epochs": "--max-steps",
+        "--groups": "--groups-per-step",
+        "--minibatches": "--updates-per-step",
+        "--target-x": "--reward",
+        "--eval-every": "--eval-every",
+        "--ratio-norm": "--ratio-norm",
+    }
+    full_run_flags, _ = help_blocks(help_text(F.parse_config))
+    assert set(named.values()) <= set(full_run_flags)
+
+
+def test_benchmark_help_gives_its_whole_first_paragraph():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark", os.path.join(os.path.dirname(F.__file__), ".ci", "benchmark.py")
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    text = help_text(benchmark.parse_args)
+    whole = (
+        "four comparisons; and\n(--memory) the host memory of --precompute-text-embeds against the number of prompts."
+    )
+    assert whole in text

@@ -26,7 +26,8 @@ field = flow_grpo.config_field  # the same idiom as flow_grpo.Config: every fiel
 
 @dataclasses.dataclass
 class Config:
-    """Every field is a CLI flag (python toy_2d.py --help)."""
+    """Every field is a CLI flag (python toy_2d.py --help); a help names flow_grpo.py's flag for the same
+    quantity where its name differs (the others are the same flag, or have none in the full run)."""
 
     seed: int = field(0, "seed of the data, the pretraining, the rollouts and the evaluations")
     out: str = field("toy_out", "output folder; only toy.json and toy.png are (over)written in it")
@@ -41,14 +42,16 @@ class Config:
     pretrain_lr: float = field(2e-3, "Adam learning rate of the pretraining")
     # sampling: SD3's shifted schedule, as in the paper
     shift: float = field(3.0, "shift of SD3's sigma schedule")
-    eval_steps: int = field(40, "ODE steps of every evaluation, and rollout steps of the 40-step run")
-    rollout_steps: int = field(10, "SDE steps of a training rollout (denoising reduction)")
+    eval_steps: int = field(
+        40, "ODE steps of every evaluation, and rollout steps of the 40-step run (flow_grpo.py: --eval-num-steps)"
+    )
+    rollout_steps: int = field(10, "SDE steps of a training rollout, denoising reduction (flow_grpo.py: --num-steps)")
     noise_level: float = field(0.7, "a of the SDE, sigma_t = a sqrt(sigma / (1 - sigma))")
-    cps_noise_level: float = field(0.8, "a of CPS in table (a)")
+    cps_noise_level: float = field(0.8, "a of CPS in table (a) (flow_grpo.py: --noise-level with --sde-type cps)")
     n_eval: int = field(6000, "samples per evaluation (two data draws are then ~0.02-0.03 apart: the noise floor)")
     # Flow-GRPO
-    epochs: int = field(200, "rollout-and-update epochs of each run")
-    groups: int = field(8, "groups (prompts) per epoch, half of them per label")
+    epochs: int = field(200, "rollout-and-update epochs of each run (flow_grpo.py: --max-steps)")
+    groups: int = field(8, "groups (prompts) per epoch, half of them per label (flow_grpo.py: --groups-per-step)")
     group_size: int = field(16, "rollouts per group, G")
     lr: float = field(3e-4, "AdamW learning rate")
     clip_range: float = field(
@@ -57,12 +60,16 @@ class Config:
     adv_clip: float = field(5.0, "advantages are clamped to +-adv_clip")
     beta: float = field(0.5, "KL weight of the 'with KL' runs (KL with |dt| in the variance, see gaussian_kl)")
     minibatches: int = field(
-        2, "optimiser steps per epoch, as the official code; the 2nd is off-policy, so clipping acts"
+        2,
+        "optimiser steps per epoch, as the official code; the 2nd is off-policy, so clipping acts "
+        "(flow_grpo.py: --updates-per-step)",
     )
-    target_x: float = field(2.0, "reward = -||x - target||; (2, 0) is the centre of mode 0")
+    target_x: float = field(2.0, "reward = -||x - target||; (2, 0) is the centre of mode 0 (flow_grpo.py: --reward)")
     target_y: float = field(0.0, "second coordinate of the target")
-    eval_every: int = field(10, "epochs between the points of the reward curves")
-    ratio_norm: bool = field(True, "add a row: the beta run with GRPO-Guard's RatioNorm (normalised_log_ratio)")
+    eval_every: int = field(10, "epochs between the points of the reward curves (flow_grpo.py: --eval-every, in steps)")
+    ratio_norm: bool = field(
+        True, "add a row: the beta run with GRPO-Guard's RatioNorm (flow_grpo.py: --ratio-norm trains with it)"
+    )
 
 
 def generator(cfg, stream):

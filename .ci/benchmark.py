@@ -382,7 +382,7 @@ def peak_tflops(device_name, override=0.0):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=__doc__.split("\n\n")[0],  # the first paragraph, whole (its first line stops mid-sentence)
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="On a GPU pass --model sd3.5-medium (or a local diffusers folder) --resolution 512.",
     )
