@@ -40,7 +40,6 @@ import contextlib
 import functools
 import gc
 import glob
-import hashlib
 import io
 import json
 import math
@@ -1011,7 +1010,8 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
         raise UsageError(str(error)) from None
 
     pipe = load_pipeline(cfg.model, dtype)
-    text_for = text_encoder_for(pipe, cfg, prompts + eval_prompts, dist.device, dist.rank, dist.world)
+    drawn = prompts_drawn(cfg, prompts) if cfg.precompute_text_embeds else []  # what a text cache must hold
+    text_for = text_encoder_for(pipe, cfg, drawn + eval_prompts, dist.device, dist.rank, dist.world)
     pipe.to(dist.device)
     pipe.set_progress_bar_config(disable=True)
     check_resolution(pipe, cfg)
@@ -1729,10 +1729,11 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
 
     Live (default): the encoders stay on the device and each call encodes its distinct prompts. The official
     `scripts/train_sd3.py`, `main()`, does the same: it encodes each sampling batch's prompts, and "" once.
-    precompute_text_embeds: every distinct prompt of all_prompts is encoded once into OUT/text_embeds on disk
-    (each process of a torchrun encodes a share), the encoders are freed, and each call reads its rows from
-    the files (TextCache): a process's memory does not grow with the number of prompts. A resumed run reuses
-    the cache without loading the encoders onto the device.
+    precompute_text_embeds: each distinct prompt of all_prompts (the run's drawn prompts and the eval prompts,
+    prompts_drawn) that OUT/text_embeds lacks is encoded once into it on disk (each process of a torchrun
+    encodes a share), the encoders are freed, and each call reads its rows from the files (TextCache): a
+    process's memory does not grow with the number of prompts. A resumed run reuses the rows it has, without
+    loading the encoders onto the device unless it needs new ones (a larger --max-steps).
     """
 
     if not cfg.precompute_text_embeds:
@@ -1750,10 +1751,10 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
         return live
 
     folder = f"{cfg.out}/text_embeds"
-    prompts = list(dict.fromkeys(["", *all_prompts]))  # row 0: the negative prompt
+    prompts = list(dict.fromkeys(["", *all_prompts]))  # "" first: row 0 of a new cache
     encoder = next(e for e in (pipe.text_encoder_3, pipe.text_encoder, pipe.text_encoder_2) if e is not None)
-    fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype, prompts)
-    if not all_ranks_agree(TextCache.holds(folder, fingerprint), device, world):
+    fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype)
+    if not all_ranks_agree(TextCache.holds(folder, fingerprint, prompts), device, world):
         for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
             if encoder is not None:
                 encoder.to(device)
@@ -1762,12 +1763,25 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if not TextCache.holds(folder, fingerprint):
+    if not TextCache.holds(folder, fingerprint, prompts):
         raise UsageError(
             f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
             "--out must be on a filesystem that every process (every node) shares"
         )
-    return TextCache(folder, prompts, device, cfg.guidance_scale > 1)
+    return TextCache(folder, device, cfg.guidance_scale > 1)
+
+
+def prompts_drawn(cfg: Config, prompts) -> list:
+    """The distinct training prompts of the steps this run may take, known before its first step since
+    prompts_for_step is a pure function of (step, seed): from step 0, or with --resume from the oldest
+    checkpoint's step (resume_checkpoint takes the newest intact one, never an older one), to --max-steps."""
+    first = 0
+    if cfg.resume and (found := sorted(glob.glob(f"{cfg.out}/checkpoints/step_*"))):
+        first = int(os.path.basename(found[0]).removeprefix("step_"))
+    steps = range(first, cfg.max_steps)
+    return list(
+        dict.fromkeys(p for step in steps for p in prompts_for_step(prompts, cfg.groups_per_step, step, cfg.seed))
+    )
 
 
 def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
@@ -1800,54 +1814,67 @@ def images_text(rows: TextEmbeddings, index: torch.Tensor, negative) -> TextEmbe
     return TextEmbeddings(embeds, pooled)
 
 
-TEXT_CACHE_VERSION = 1
+TEXT_CACHE_VERSION = 2
 
 
-def text_cache_fingerprint(model: str, dtype: torch.dtype, prompts) -> dict:
-    """What the cached embeddings depend on: a cache with another fingerprint is rebuilt, not reused."""
+def text_cache_fingerprint(model: str, dtype: torch.dtype) -> dict:
+    """What every row depends on: a cache with another fingerprint is rebuilt; one with this fingerprint is
+    reused row by row, and grows by the prompts it lacks."""
 
-    digest = hashlib.sha256("\n".join(prompts).encode("utf-8")).hexdigest()
-    return {
-        "version": TEXT_CACHE_VERSION,
-        "model": model,
-        "dtype": str(dtype),
-        "max_sequence_length": 128,
-        "rows": len(prompts),
-        "prompts_sha256": digest,
-    }
+    return {"version": TEXT_CACHE_VERSION, "model": model, "dtype": str(dtype), "max_sequence_length": 128}
+
+
+def read_text_cache_index(folder) -> dict:
+    """index.json of a text cache ({} if none or unreadable): fingerprint, dtype, row shapes and the prompt of
+    each row, in row order. It is written last, under a temporary name and renamed: rows it does not list do
+    not exist (a killed run may leave some in the files; the next one cuts them off)."""
+    try:
+        with open(f"{folder}/index.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, world: int, chunk: int = 32):
-    """Encode every prompt once into two flat files, embeds.bin [rows, tokens, dim] and pooled.bin [rows, dim]
-    in the encoders' dtype, row i = prompts[i]. Rank 0 writes row 0 (the negative "", encoded alone); rows
-    1.. go in chunks of `chunk` prompts, process r of `world` encoding chunks r, r + world, ... and writing
-    them in place. index.json, written last, marks the folder complete; it is built under a temporary name
-    and renamed, so a killed run never leaves a cache that looks whole."""
+    """Encode once each prompt of `prompts` that the cache lacks, appended as rows of two flat files,
+    embeds.bin [rows, tokens, dim] and pooled.bin [rows, dim] in the encoders' dtype. A new cache (none, or
+    another fingerprint) starts with the negative "", row 0, encoded alone by rank 0; the new rows go in chunks
+    of `chunk` prompts, process r of `world` encoding chunks r, r + world, ... and writing them in place.
+    index.json, rewritten last by rank 0, is what makes the new rows part of the cache."""
 
     from diffusers.utils import logging as diffusers_logging
     from tqdm import tqdm
 
-    tmp = f"{folder}.tmp"
+    index = read_text_cache_index(folder)
+    fresh = index.get("fingerprint") != fingerprint
+    barrier(world)  # every process has read the index before rank 0 changes anything
     os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-    if rank == 0:  # a stale cache (other prompts or model) or a half-written one is of no use: free its space
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(folder, ignore_errors=True)
-    barrier(world)
-    probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
-    shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
-    row_bytes = {k: math.prod(s) * probe.embeds.element_size() for k, s in shapes.items()}
-    needed = len(prompts) * sum(row_bytes.values())
+    if fresh:
+        if rank == 0:  # a stale cache (another model or dtype) or a half-written one is of no use: free its space
+            shutil.rmtree(folder, ignore_errors=True)
+        barrier(world)
+        probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
+        shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
+        dtype, held, new = probe.embeds.dtype, [], prompts
+    else:
+        shapes, dtype = index["shapes"], getattr(torch, index["dtype"].removeprefix("torch."))
+        held = index["prompts"]
+        known = set(held)
+        new = [p for p in prompts if p not in known]
+    row_bytes = {k: math.prod(shape) * dtype.itemsize for k, shape in shapes.items()}
+    needed = len(new) * sum(row_bytes.values())
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
     if free < needed:  # every process sees the same disk, so all of them stop here: no one waits at a barrier
         raise UsageError(
-            f"--precompute-text-embeds: the embeddings of {len(prompts)} prompts need "
+            f"--precompute-text-embeds: the embeddings of {len(new)} prompts need "
             f"{needed / 1e9:.1f} GB in {folder}, {free / 1e9:.1f} GB are free: free some space or "
             "choose another --out"
         )
     if rank == 0:
-        os.makedirs(tmp)
-        for name in shapes:
-            open(f"{tmp}/{name}.bin", "wb").close()
+        os.makedirs(folder, exist_ok=True)
+        for name in shapes:  # cut off the rows of a growth that was killed before its index was written
+            with open(f"{folder}/{name}.bin", "ab") as f:
+                f.truncate(len(held) * row_bytes[name])
     barrier(world)
     verbosity = diffusers_logging.get_verbosity()
     # CLIP keeps 77 tokens of each prompt (as in every SD3 run); diffusers would say so for every chunk of the
@@ -1855,24 +1882,30 @@ def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, worl
     diffusers_logging.set_verbosity_error()
     try:
 
-        def put(start, text):
+        def put(row, text):
             for name, value in zip(shapes, text):
-                with open(f"{tmp}/{name}.bin", "r+b") as f:
-                    f.seek(start * row_bytes[name])
+                with open(f"{folder}/{name}.bin", "r+b") as f:
+                    f.seek(row * row_bytes[name])
                     f.write(value.cpu().contiguous().view(-1).view(torch.uint8).numpy())
 
-        if rank == 0:
+        if fresh and rank == 0:
             put(0, probe)
-        starts = range(1 + rank * chunk, len(prompts), world * chunk)
-        for start in tqdm(starts, desc=f"encoding {len(prompts)} prompts", leave=False, disable=rank != 0):
-            put(start, encode_text(pipe, prompts[start : start + chunk], device))
+        starts = range(int(fresh) + rank * chunk, len(new), world * chunk)
+        for start in tqdm(starts, desc=f"encoding {len(new)} prompts", leave=False, disable=rank != 0):
+            # Every chunk padded to `chunk` prompts: a row's last bits depend on the batch size (CLIP's pooled
+            # projection picks its matmul kernel by it), so a row grown on --resume equals the row a run that
+            # was never interrupted would have: the resumed run stays bit for bit the same.
+            prompts_of_chunk = new[start : start + chunk]
+            text = encode_text(pipe, prompts_of_chunk + [""] * (chunk - len(prompts_of_chunk)), device)
+            put(len(held) + start, TextEmbeddings(*(part[: len(prompts_of_chunk)] for part in text)))
     finally:
         diffusers_logging.set_verbosity(verbosity)
     barrier(world)
     if rank == 0:
-        with open(f"{tmp}/index.json", "w") as f:
-            json.dump({"fingerprint": fingerprint, "dtype": str(probe.embeds.dtype), "shapes": shapes}, f, indent=1)
-        os.replace(tmp, folder)
+        index = {"fingerprint": fingerprint, "dtype": str(dtype), "shapes": shapes, "prompts": held + new}
+        with open(f"{folder}/index.json.tmp", "w") as f:
+            json.dump(index, f, indent=0)
+        os.replace(f"{folder}/index.json.tmp", f"{folder}/index.json")
     barrier(world)
 
 
@@ -1881,25 +1914,20 @@ class TextCache:
     index and the negative prompt's embeddings (with CFG), nothing per prompt; the rows read for a batch live
     as long as the batch. Each prompt's row is the same bits whatever batch it is read in."""
 
-    def __init__(self, folder, prompts, device, guidance: bool):
-        with open(f"{folder}/index.json") as f:
-            index = json.load(f)
+    def __init__(self, folder, device, guidance: bool):
+        index = read_text_cache_index(folder)
         self.dtype = getattr(torch, index["dtype"].removeprefix("torch."))
         self.shapes = index["shapes"]
         self.row_bytes = {k: math.prod(s) * self.dtype.itemsize for k, s in self.shapes.items()}
         self.folder = folder
-        self.row = {p: i for i, p in enumerate(prompts)}
+        self.row = {p: i for i, p in enumerate(index["prompts"])}
         self.device = device
         self.negative = self.read([0]) if guidance else None  # row 0 is ""
 
     @staticmethod
-    def holds(folder, fingerprint) -> bool:
-        try:
-            with open(f"{folder}/index.json") as f:
-                index = json.load(f)
-        except (OSError, ValueError):
-            return False
-        return index.get("fingerprint") == fingerprint
+    def holds(folder, fingerprint, prompts) -> bool:
+        index = read_text_cache_index(folder)
+        return index.get("fingerprint") == fingerprint and set(prompts) <= set(index["prompts"])
 
     def read(self, rows) -> TextEmbeddings:
         """The embeddings of the given rows, [len(rows), ...] on the device."""

@@ -2147,9 +2147,9 @@ def test_negative_prompt_and_each_prompt_are_encoded_once(tmp_path):
     assert sizes == [1, 3]  # the batch's 3 distinct prompts, and no "" per prompt (the pipeline would encode 3 of them)
     pipe = F.build_tiny_pipeline()
     sizes = count_t5_batches(pipe)
-    prompts = [f"prompt {i}" for i in range(70)] + ["prompt 3"]
+    prompts = [f"prompt {i}" for i in range(64)] + ["prompt 3"]
     F.text_encoder_for(pipe, tiny_config(tmp_path, precompute_text_embeds=True), prompts, "cpu")
-    assert sizes[0] == 1 and sum(sizes) == 1 + 70  # "" alone, then every distinct prompt exactly once
+    assert sizes == [1, 32, 32]  # "" alone, then every distinct prompt exactly once, in chunks of 32
 
 
 def tensor_bytes_reachable(root):
@@ -2189,18 +2189,25 @@ def test_precomputed_text_holds_nothing_per_prompt_in_memory(tmp_path):
     assert held[50] == held[2000] == 205 * 64 * 4 + 64 * 4  # in memory: the negative's row only
 
 
-def test_precomputed_run_is_on_policy_and_resumes_from_its_cache_without_encoding(tmp_path, monkeypatch):
+def test_precomputed_run_is_on_policy_and_resumes_from_its_cache_encoding_only_the_new_steps_prompts(
+    tmp_path, monkeypatch
+):
     whole = F.train(tiny_config(tmp_path / "whole", precompute_text_embeds=True, max_steps=2))
     assert [r["first_ratio_error"] for r in read_metrics(tmp_path / "whole")] == [0.0, 0.0]
     assert whole.pipe.text_encoder is None and whole.pipe.text_encoder_3 is None  # freed after the cache was written
 
     F.train(tiny_config(tmp_path / "resumed", precompute_text_embeds=True, max_steps=1))
-    index = tmp_path / "resumed" / "text_embeds" / "index.json"
-    written = os.stat(index).st_mtime_ns
-    encoded = []
-    monkeypatch.setattr(F, "encode_text", lambda *args: encoded.append(args) or pytest.fail("re-encoded on resume"))
+    index = json.loads((tmp_path / "resumed" / "text_embeds" / "index.json").read_text())
+    step_0, step_1 = (F.prompts_for_step(F.BUILTIN_PROMPTS, 2, step, 0) for step in (0, 1))
+    # The cache holds what the run draws: "", the prompts of its one step and the eval prompts, nothing else.
+    assert index["prompts"] == list(dict.fromkeys(["", *step_0, *F.BUILTIN_EVAL_PROMPTS]))
+    encoded, encode_text = [], F.encode_text
+    monkeypatch.setattr(
+        F, "encode_text", lambda pipe, prompts, device: encoded.extend(prompts) or encode_text(pipe, prompts, device)
+    )
     resumed = F.train(tiny_config(tmp_path / "resumed", precompute_text_embeds=True, max_steps=2, resume=True))
-    assert encoded == [] and os.stat(index).st_mtime_ns == written
+    new = [p for p in dict.fromkeys(step_1) if p not in index["prompts"]]
+    assert encoded == new + [""] * (32 - len(new)) and new  # step 2's new prompts only, a chunk padded with ""
     assert all(torch.equal(a, b) for a, b in zip(whole.params, resumed.params))
 
 
@@ -4149,3 +4156,45 @@ def test_benchmark_help_gives_its_whole_first_paragraph():
         "four comparisons; and\n(--memory) the host memory of --precompute-text-embeds against the number of prompts."
     )
     assert whole in text
+
+
+def test_text_cache_grows_by_the_prompts_it_lacks_and_its_rows_equal_live_encoding(tmp_path):
+    cfg = tiny_config(tmp_path, precompute_text_embeds=True)
+    first = [f"a red cube number {i}" for i in range(40)]
+    second = first[:10] + [f"a blue sphere number {i}" for i in range(30)]
+    pipe = F.build_tiny_pipeline()
+    sizes = count_t5_batches(pipe)
+    F.text_encoder_for(pipe, cfg, first, "cpu")
+    assert sizes == [1, 32, 32]  # "" alone, then 40 prompts in chunks of 32 (the last padded with "")
+    with open(f"{cfg.out}/text_embeds/embeds.bin", "ab") as f:
+        f.write(b"rows of a growth killed before its index was written")
+    pipe = F.build_tiny_pipeline()
+    sizes = count_t5_batches(pipe)
+    text_for = F.text_encoder_for(pipe, cfg, second, "cpu")
+    assert sizes == [32]  # the 30 new prompts, nothing it had, padded to a chunk of 32
+    row = {"embeds": 205 * 64 * 4, "pooled": 64 * 4}
+    for name, size in row.items():  # "", 40, 30 rows; the killed growth's bytes cut off
+        assert os.path.getsize(f"{cfg.out}/text_embeds/{name}.bin") == 71 * size
+    live, cached = F.encode_text(F.build_tiny_pipeline(), second, "cpu"), text_for(second)
+    assert torch.equal(cached.embeds[40:], live.embeds)  # with CFG the 40 copies of "" come first
+    torch.testing.assert_close(
+        cached.pooled[40:], live.pooled, rtol=0, atol=1e-6
+    )  # CLIP's batch-size-dependent last bits
+    pipe = F.build_tiny_pipeline()
+    sizes = count_t5_batches(pipe)
+    F.text_encoder_for(pipe, cfg, first + second, "cpu")
+    assert sizes == [] and pipe.text_encoder_3 is None  # all held: nothing encoded, the encoders freed
+
+
+def test_a_run_draws_the_prompts_of_its_steps_from_the_oldest_checkpoint_on(tmp_path):
+    prompts = [f"p{i}" for i in range(7)]
+    cfg = tiny_config(tmp_path, groups_per_step=2, max_steps=6)
+
+    def steps(first):
+        return list(dict.fromkeys(p for s in range(first, 6) for p in F.prompts_for_step(prompts, 2, s, 0)))
+
+    assert F.prompts_drawn(cfg, prompts) == steps(0)
+    for name in ("step_000005", "step_000003", ".tmp_step_000006"):
+        os.makedirs(tmp_path / "checkpoints" / name)
+    assert F.prompts_drawn(dataclasses.replace(cfg, resume=True), prompts) == steps(3) != steps(0)
+    assert F.prompts_drawn(dataclasses.replace(cfg, resume=True, max_steps=3), prompts) == []
