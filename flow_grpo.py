@@ -508,7 +508,7 @@ def load_pipeline(model: str, dtype: torch.dtype):
         import rewards
 
         advice = rewards.hub_advice(model, error, "a local folder with --model PATH")
-        raise UsageError(f"could not load {model}: {advice}") from None
+        raise UsageError(advice) from None
 
 
 def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):

@@ -315,7 +315,7 @@ def hub_advice(repo_id: str, error: BaseException, local: str) -> str:
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
         return f"the hub shows no model {repo_id} to this account: check the id; if it is gated or private, {access}"
     if any(isinstance(e, LocalEntryNotFoundError) for e in chain):
-        return f"{repo_id} is not in the hub cache and the hub is out of reach (offline?): online, {access}"
+        return f"{repo_id} is not in the hub cache and the hub is out of reach (offline?): once online, {access}"
     return f"{repo_id} could not be loaded from the hub: {access}"
 
 
