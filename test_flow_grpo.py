@@ -2457,6 +2457,11 @@ FLAG_CASES = {
     "unknown eval reward": (["--eval-reward", "aesthtic"], "--eval-reward: unknown reward 'aesthtic'", "aesthetic"),
     "reward folder for no model": (["--reward-model-dir", "jpeg_compressibility=x"], "only pickscore, clipscore", None),
     "reward folder without name": (["--reward-model-dir", "pickscore"], "write NAME=FOLDER", None),
+    "reward folder twice": (
+        ["--reward-model-dir", "pickscore=/a", "--reward-model-dir", "pickscore=/b"],
+        "twice",
+        None,
+    ),
     "unknown sampler": (["--sde-type", "ode"], "--sde-type ode: use sde or cps", None),
     "noise level too high": (["--noise-level", "2"], "--noise-level 2.0: use (0, 1.5]", None),
     "window past half": (["--sde-window", "3"], "--sde-window 3: use 0 (all steps) or 1..2", None),
