@@ -459,7 +459,9 @@ class Config:
     keep_checkpoints: int = config_field(3, "keep only the newest this many checkpoints")
     resume: bool = config_field(False, "continue the run in --out from its newest checkpoint")
     log_with: str = config_field(
-        "", "also log to experiment trackers: tensorboard (in OUT/tensorboard), wandb, or both: tensorboard,wandb"
+        "",
+        "also log to experiment trackers: tensorboard (in OUT/tensorboard), wandb, or both: tensorboard,wandb "
+        "(default: none, metrics.jsonl only)",
     )
     dtype: str = config_field(
         "auto",

@@ -4100,7 +4100,14 @@ def test_help_shows_each_default_once_the_choices_and_every_flag_in_its_group():
         if type(f.default) is bool:
             shown = flag if f.default else "--no-" + flag[2:]
         else:
-            shown = str(f.default) or {"reward_model_dir": "none", "prompts": "abuilt-in", "eval_prompts": "abuilt-in"}
+            shown = str(f.default) or {
+                "reward_model_dir": "none",
+                "prompts": "abuilt-in",
+                "eval_prompts": "abuilt-in",
+                "eval_reward": "--reward",
+                "vlm_template": "UnifiedReward's",
+                "log_with": "none",
+            }
             shown = shown[f.name] if isinstance(shown, dict) else shown
         assert f"(default:{shown}" in block, (flag, block)
         title = next(t for t, names in F.FLAG_GROUPS.items() if f.name in names)
@@ -4108,7 +4115,7 @@ def test_help_shows_each_default_once_the_choices_and_every_flag_in_its_group():
     assert "--sde-type{sde,cps}" in "".join(text.split()) and "--dtype{auto,fp32,bf16,fp16}" in "".join(text.split())
     placed = [name for names in F.FLAG_GROUPS.values() for name in names]
     assert sorted(placed) == sorted(f.name for f in fields)  # every field in exactly one group
-    assert len(F.FLAG_GROUPS) == 6
+    assert len(F.FLAG_GROUPS) == 7
 
 
 def test_help_recipes_parse_and_pass_the_flag_checks_each_with_its_own_out():
