@@ -271,7 +271,9 @@ class StepObjective(NamedTuple):
     policy_loss: torch.Tensor  # the clipped surrogate
     kl: torch.Tensor  # the KL term on the recipe's scale, before multiplication by beta
     approx_kl: torch.Tensor  # 1/2 mean(rho^2) of the recipe's log-ratio rho (before RatioNorm), detached
-    clip_fraction: torch.Tensor  # fraction of ratios outside [1 - eps, 1 + eps], detached
+    clip_fraction: torch.Tensor  # fraction of ratios outside [1 - eps, 1 + eps]: clipfrac_gt_one + clipfrac_lt_one
+    clipfrac_gt_one: torch.Tensor  # fraction with r - 1 > eps, detached
+    clipfrac_lt_one: torch.Tensor  # fraction with 1 - r > eps, detached
     ratio: torch.Tensor  # [B] the ratio r the surrogate used, detached
 
 
@@ -351,8 +353,10 @@ def grpo_step_objective(
     loss = policy_loss + beta * kl
     with torch.no_grad():
         approx_kl = 0.5 * _batch_mean(recipe_log_ratio**2, weights)
-        clip_fraction = _batch_mean(((ratio - 1).abs() > clip_range).float(), weights)
-    return StepObjective(loss, policy_loss, kl, approx_kl, clip_fraction, ratio.detach())
+        # The official clipfrac_gt_one / clipfrac_lt_one (`scripts/train_sd3.py`, `main()`): r - 1 > eps, 1 - r > eps
+        above = _batch_mean((ratio - 1 > clip_range).float(), weights)
+        below = _batch_mean((1 - ratio > clip_range).float(), weights)
+    return StepObjective(loss, policy_loss, kl, approx_kl, above + below, above, below, ratio.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,6 +678,13 @@ def constant_group_fraction(advantages: torch.Tensor, image_prompts) -> float:
     return (informative == 0).float().mean().item()
 
 
+def group_reward_std(rewards: torch.Tensor, image_prompts) -> float:
+    """The population std of each prompt group's rewards, averaged over the groups: the official reward_std_mean
+    (`scripts/train_sd3.py`, `calculate_zero_std_ratio()`, np.std of each group's rewards, then the mean)."""
+    groups = prompt_groups(image_prompts)
+    return torch.stack([rewards[groups == g].double().std(correction=0) for g in groups.unique()]).mean().item()
+
+
 def loss_weights(advantages: torch.Tensor, updates: int, num_trained_steps: int, world: int, batch_size: int):
     """Weight of each sample's loss in each optimizer step of the step, [updates, world, batches, batch_size].
 
@@ -726,8 +737,9 @@ def step_loss(
     transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config
 ):
     """The objective of denoising step j of one rollout batch (grpo_step_objective: Eq. 5-6 + beta KL, Eq. 10),
-    weighted per sample; returns the loss, its parts for the log (means over the informative samples) and the
-    ratio of each sample."""
+    weighted per sample; returns the loss, its parts for the log and the ratio of each sample. The parts are sums
+    weighted as the loss (StepStats adds them up over an optimizer step), and the extreme ratios of the samples
+    with a weight."""
     latents = batch.trajectory.latents
     if weights is None:  # the plain mean over the batch
         weights = torch.full_like(advantages, 1 / len(advantages))
@@ -756,21 +768,24 @@ def step_loss(
         old_mean=batch.trajectory.means[:, j],
         weights=weights,
     )
-    total = weights.sum()  # the weighted sums back as means over the informative samples
-    parts = {
-        name: (getattr(objective, name) / total).item()
-        for name in ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction")
-    }
-    return objective.loss, parts, objective.ratio
+    ratio, trained = objective.ratio, weights > 0
+    parts = {name: getattr(objective, name) for name in OBJECTIVE_PARTS}
+    parts["ratio_mean"] = (weights * ratio).sum()
+    parts["ratio_min"] = torch.where(trained, ratio, math.inf).min()
+    parts["ratio_max"] = torch.where(trained, ratio, -math.inf).max()
+    values = torch.stack([v.detach().double().to(ratio.device) for v in parts.values()]).tolist()  # one sync
+    return objective.loss, dict(zip(parts, values)), ratio
 
 
-def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm: float) -> str:
-    """All-reduce, unscale, clip and apply the accumulated gradient. Returns "applied"; "nonfinite" when the
-    gradient is NaN/inf and nothing was applied; or, with fp16 loss scaling, "overflow": the scaler skipped the
-    step and lowered the scale, which is how dynamic loss scaling works, not a sign of divergence."""
+def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm: float):
+    """All-reduce, unscale, clip and apply the accumulated gradient. Returns the outcome and the gradient's norm
+    before clipping (of the all-reduced, unscaled gradient: the same on every rank). The outcome is "applied";
+    "nonfinite" when the gradient is NaN/inf and nothing was applied; or, with fp16 loss scaling, "overflow": the
+    scaler skipped the step and lowered the scale, which is how dynamic loss scaling works, not divergence."""
     sum_gradients(params, dist)
     scaler.unscale_(optimizer)
-    finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    finite = math.isfinite(grad_norm)
     if scaler.is_enabled():
         scaler.step(optimizer)  # skipped when unscale_ found inf/NaN
         scaler.update()
@@ -780,29 +795,7 @@ def optimizer_update(params, optimizer, scaler, dist: Distributed, max_grad_norm
             optimizer.step()
         outcome = "applied" if finite else "nonfinite"
     optimizer.zero_grad(set_to_none=False)
-    return outcome
-
-
-class StepStats:
-    """What the updates of one step measured, for its log record: the objective's parts of every trained
-    (batch, denoising step), the first ratio's distance from 1 (0 before any update: on-policy), and the
-    updates that were skipped."""
-
-    def __init__(self):
-        self.parts = {"loss": [], "policy_loss": [], "kl": [], "approx_kl": [], "clip_fraction": []}
-        self.first_ratio_error = None
-        self.nonfinite_updates = self.overflow_updates = 0
-        self.losses_finite = True  # of the gradient being accumulated
-
-    def add(self, parts: dict, ratio: torch.Tensor):
-        if self.first_ratio_error is None:
-            self.first_ratio_error = (ratio - 1).abs().max().item()
-        for name, value in parts.items():
-            self.parts[name].append(value)
-        self.losses_finite = self.losses_finite and math.isfinite(parts["loss"])
-
-    def means(self) -> dict:
-        return {name: sum(v) / len(v) if v else 0.0 for name, v in self.parts.items()}
+    return outcome, grad_norm
 
 
 def update_policy(learner: Learner, stats: StepStats, cfg: Config, dist: Distributed, step: int):
@@ -810,13 +803,15 @@ def update_policy(learner: Learner, stats: StepStats, cfg: Config, dist: Distrib
     EMA every ema_every applied steps, and the guard: a non-finite update is skipped and counted, and
     MAX_NONFINITE_IN_A_ROW of them in a row stop the run. An fp16 overflow (the loss scaler skipped the step and
     lowered its scale) is how dynamic loss scaling works, counted apart."""
-    outcome = optimizer_update(learner.params, learner.optimizer, learner.scaler, dist, cfg.max_grad_norm)
+    outcome, grad_norm = optimizer_update(learner.params, learner.optimizer, learner.scaler, dist, cfg.max_grad_norm)
+    losses_finite = stats.losses_finite
+    stats.end_update(grad_norm, dist)
     if outcome == "applied":
         learner.optimizer_step += 1
         learner.nonfinite_in_a_row = 0
         if learner.optimizer_step % cfg.ema_every == 0:
             ema_update(learner.ema_params, learner.params, learner.optimizer_step)
-    elif outcome == "overflow" and stats.losses_finite:
+    elif outcome == "overflow" and losses_finite:
         stats.overflow_updates += 1
     else:
         stats.nonfinite_updates += 1
@@ -827,18 +822,18 @@ def update_policy(learner: Learner, stats: StepStats, cfg: Config, dist: Distrib
                 f"{learner.nonfinite_in_a_row} non-finite updates in a row at step {step}: lower --lr or "
                 f"check the reward; the last good checkpoint is in {cfg.out}/checkpoints"
             )
-    stats.losses_finite = True
 
 
 def step_record(step: int, learner: Learner, scores, advantages, image_prompts, stats: StepStats, seconds) -> dict:
     """The step's line of metrics.jsonl: rewards (mean and std of each component over all ranks), the share of
-    constant groups, the objective's parts, the on-policy check, the skipped updates, and the seconds per phase."""
+    constant groups and the mean within-group std, the objective's parts, ratios and gradient norms (StepStats),
+    the on-policy check, the skipped updates, and the seconds per phase."""
     record = {"step": step, "optimizer_steps": learner.optimizer_step, "skipped_update": not bool(advantages.any())}
     for name, value in scores.items():
         record[f"{name}_mean"], record[f"{name}_std"] = value.mean().item(), value.std(correction=0).item()
     record["zero_std_group_ratio"] = constant_group_fraction(advantages, image_prompts)
-    record.update(stats.means())
-    record["first_ratio_error"] = stats.first_ratio_error
+    record["group_reward_std"] = group_reward_std(scores["reward"], image_prompts)
+    record.update(stats.summary())
     record["nonfinite_updates"] = stats.nonfinite_updates
     if learner.scaler.is_enabled():
         record["fp16_overflow_updates"], record["loss_scale"] = stats.overflow_updates, learner.scaler.get_scale()
@@ -1994,6 +1989,14 @@ def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_reduce(tensor: torch.Tensor, op: str, dist: Distributed) -> torch.Tensor:
+    """The elementwise "sum" or "max" of tensor over all ranks, in place."""
+    if dist.world > 1:
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
 def sum_gradients(params, dist: Distributed):
     """Data parallelism by hand: one all-reduce (sum) of the flattened LoRA gradients per optimizer step. The
     losses are already divided by the sample count of all ranks (loss_weights), so the sum is the mean.
@@ -2142,7 +2145,60 @@ def save_image_grid(images, captions, path, columns=4):
     grid.save(path)
 
 
-# Metrics: the effect size and the curves ---------------------------------------------------------
+# Metrics: the statistics of a step, the effect size and the curves -------------------------------
+
+
+OBJECTIVE_PARTS = ("loss", "policy_loss", "kl", "approx_kl", "clip_fraction", "clipfrac_gt_one", "clipfrac_lt_one")
+
+
+class StepStats:
+    """What the updates of one step measured, for its log record. Each optimizer step's value of a part of the
+    objective (OBJECTIVE_PARTS) and of ratio_mean is its mean over the informative (sample, trained step) pairs of
+    all ranks, weighted as the loss is (loss_weights); ratio_min/max are its extremes there, grad_norm is its norm
+    before clipping. summary(): the mean over the step's optimizer steps (extremes: min, max; grad norm: mean, max of
+    the finite ones), and first_ratio_error, max |r - 1| over every ratio of any rank before the step's first
+    optimizer step (0: on-policy). The official code (`scripts/train_sd3.py`, `main()`) logs each optimizer step: each
+    rank's mean over its micro-batches and trained steps, accelerator.reduce(mean) over ranks: the same where every
+    rank holds as many samples (it also averages the few zero-advantage samples that fill its micro-batches). It logs
+    no ratio or gradient norm."""
+
+    SUMMED = OBJECTIVE_PARTS + ("ratio_mean",)
+
+    def __init__(self):
+        self.updates = []  # one dict per optimizer step, reduced over the ranks
+        self.first_ratio_error = None
+        self.nonfinite_updates = self.overflow_updates = 0
+        self._clear()
+
+    def _clear(self):
+        self.sums = torch.zeros(len(self.SUMMED), dtype=torch.float64)
+        self.peaks = torch.full((3,), -math.inf, dtype=torch.float64)  # max r, max -r, max |r - 1| before an update
+        self.losses_finite = True  # of the gradient being accumulated
+
+    def add(self, parts: dict, ratio: torch.Tensor):
+        self.sums += torch.tensor([parts[name] for name in self.SUMMED], dtype=torch.float64)
+        first = (ratio - 1).abs().max().item() if not self.updates else -math.inf
+        self.peaks = torch.maximum(self.peaks, torch.tensor([parts["ratio_max"], -parts["ratio_min"], first]))
+        self.losses_finite = self.losses_finite and math.isfinite(parts["loss"])
+
+    def end_update(self, grad_norm: float, dist: Distributed):
+        """Every rank calls it at each optimizer step: the sums and extremes are reduced over the ranks here."""
+        sums = all_reduce(self.sums.to(dist.device), "sum", dist).tolist()
+        ratio_max, minus_ratio_min, first = all_reduce(self.peaks.to(dist.device), "max", dist).tolist()
+        self.updates.append(dict(zip(self.SUMMED, sums), ratio_min=-minus_ratio_min, ratio_max=ratio_max))
+        self.updates[-1]["grad_norm"] = grad_norm
+        self.first_ratio_error = first if len(self.updates) == 1 else self.first_ratio_error
+        self._clear()
+
+    def summary(self) -> dict:
+        updates, norms = self.updates, [u["grad_norm"] for u in self.updates if math.isfinite(u["grad_norm"])]
+        summary = {name: sum(u[name] for u in updates) / len(updates) if updates else 0.0 for name in self.SUMMED}
+        summary["ratio_mean"] = summary["ratio_mean"] if updates else None
+        summary["ratio_min"] = min((u["ratio_min"] for u in updates), default=None)
+        summary["ratio_max"] = max((u["ratio_max"] for u in updates), default=None)
+        summary["grad_norm_mean"] = sum(norms) / len(norms) if norms else None
+        summary["grad_norm_max"] = max(norms, default=None)
+        return {**summary, "first_ratio_error": self.first_ratio_error}
 
 
 def effect_size(records) -> dict:

@@ -1690,7 +1690,8 @@ def test_an_update_is_a_hand_computed_clipped_adamw_step():
     # Adam's first step is g / |g| whatever the scale: only a second step shows clipping and the betas.
     for k, (grad, clipped) in enumerate([([3.0, 4.0], [0.6, 0.8]), ([0.1, -0.2], [0.1, -0.2])], start=1):
         p.grad = torch.tensor(grad, dtype=torch.float64)  # norm 5 clipped to 1, then norm 0.22 left alone
-        assert F.optimizer_update([p], optimizer, scaler, dist, 1.0) == "applied"
+        outcome, norm = F.optimizer_update([p], optimizer, scaler, dist, 1.0)
+        assert outcome == "applied" and norm == pytest.approx(math.hypot(*grad), rel=1e-12)  # before clipping
         assert torch.all(p.grad == 0)  # gradients are zeroed for the next accumulation
         g = torch.tensor(clipped, dtype=torch.float64)
         m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
@@ -2722,7 +2723,7 @@ def test_an_fp16_overflow_is_counted_apart_but_a_non_finite_loss_is_a_skipped_up
     scaler = F.grad_scaler(torch.float16, torch.device("cpu"))
     learner = F.Learner([param], [param.detach().clone()], F.make_optimizer([param], cfg), scaler)
     dist, stats = F.Distributed(0, 1, torch.device("cpu")), F.StepStats()
-    finite = dict(loss=1.0, policy_loss=1.0, kl=0.0, approx_kl=0.0, clip_fraction=0.0)
+    finite = {**dict.fromkeys(F.StepStats.SUMMED, 0.0), "loss": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
 
     def update(loss, grad):
         scaler.scale(torch.ones(()))  # as train()'s scaler.scale(loss).backward() before each update
