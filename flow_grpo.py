@@ -2249,60 +2249,114 @@ _NOTED_NO_MATPLOTLIB = []  # the note is printed once per process, not at every 
 
 
 def write_curves(folders, path: str) -> bool:
-    """Draw the metrics.jsonl of one run, or of several overlaid, into the PNG `path`: the rollout reward
-    (mean ± std band) with the evaluation reward, the KL terms, the clip fraction and the seconds per phase
-    against the step. Without matplotlib: one line saying so, no figure, False."""
+    """Draw the metrics.jsonl of one run, or of several overlaid, into the PNG `path` (curves_figure). Without
+    matplotlib: one line saying so, no figure, False."""
 
     try:  # the object API: no pyplot, so no global backend switch in the training process
-        from matplotlib.figure import Figure
+        import matplotlib.figure  # noqa: F401
     except ImportError:
         if not _NOTED_NO_MATPLOTLIB:
             print(f"note: matplotlib is not installed, so no {path} (pip install matplotlib)", flush=True)
             _NOTED_NO_MATPLOTLIB.append(True)
         return False
-    fig = Figure(figsize=(12, 7.5), layout="constrained")
-    (reward_ax, kl_ax), (clip_ax, time_ax) = fig.subplots(2, 2, sharex=True)
+    fig = curves_figure(folders)
+    fig.savefig(path + ".tmp", format="png", dpi=100)
+    os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
+    return True
+
+
+def _series(records, key):
+    """The steps and values of `key` in the records that logged it (older runs lack the newer keys)."""
+    kept = [r for r in records if r.get(key) is not None]
+    return [r["step"] for r in kept], [r[key] for r in kept]
+
+
+def eval_components(records) -> list:
+    """The eval_<name> keys other than eval_reward, less one that repeats eval_reward at every evaluation (the
+    single component of a training reward, weight 1)."""
+    keys = sorted({k for r in records for k in r if k.startswith("eval_") and k != "eval_reward"})
+    evals = [r for r in records if "eval_reward" in r]
+    return [k for k in keys if not evals or any(r.get(k) != r["eval_reward"] for r in evals)]
+
+
+def curves_figure(folders):
+    """The figure of write_curves, one panel per question against the step: the rollout reward (mean ± std band)
+    with the evaluation reward; the reward's std over the step and within prompt groups; the KL terms; the clip
+    fractions (above 1 + eps, below 1 - eps, all); the ratio (mean, min-max band, 1 ± eps); the gradient norm
+    before clipping (mean, max, the clipping threshold); the seconds per phase; then one panel per evaluated
+    reward component (eval_components, with its rollout mean where it is a training component)."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     names = [os.path.basename(os.path.normpath(f)) for f in folders]
     if len(set(names)) < len(names):  # runs/a/out and runs/b/out: the whole paths tell them apart
         names = [os.path.normpath(f) for f in folders]
-    for i, folder in enumerate(folders):
-        records = [r for r in read_metrics(folder) if "reward_mean" in r]
+    runs = [[r for r in read_metrics(folder) if "reward_mean" in r] for folder in folders]
+    components = sorted({k for records in runs for k in eval_components(records)})
+    rows = math.ceil((7 + len(components)) / 3)
+    fig = Figure(figsize=(15, 3.4 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, 3, sharex=True).flat)
+    reward_ax, spread_ax, kl_ax, clip_ax, ratio_ax, norm_ax, time_ax = axes[:7]
+    component_axes = dict(zip(components, axes[7:]))
+    for i, (folder, records) in enumerate(zip(folders, runs)):
         colour, name = f"C{i}", (names[i] + ": " if len(folders) > 1 else "")
-        eval_steps = "ODE"
+        config = {}
         if os.path.isfile(f"{folder}/config.json"):
             with open(f"{folder}/config.json") as f:
-                eval_steps = f"{json.load(f).get('eval_num_steps', '')}-step ODE"
+                config = json.load(f)
+        eval_steps = f"{config['eval_num_steps']}-step ODE" if "eval_num_steps" in config else "ODE"
         step = [r["step"] for r in records]
         mean, std = torch.tensor([r["reward_mean"] for r in records]), torch.tensor([r["reward_std"] for r in records])
         reward_ax.plot(step, mean, color=colour, label=f"{name}rollout (SDE), mean ± std")
         reward_ax.fill_between(step, mean - std, mean + std, color=colour, alpha=0.2, linewidth=0)
-        evals = [r for r in records if "eval_reward" in r]
-        reward_ax.plot(
-            [r["step"] for r in evals],
-            [r["eval_reward"] for r in evals],
-            "o--",
-            color=colour,
-            label=f"{name}eval ({eval_steps})",
-        )
+        reward_ax.plot(*_series(records, "eval_reward"), "o--", color=colour, label=f"{name}eval ({eval_steps})")
+        spread_ax.plot(step, std, color=colour, label=name + "over the step's images")
+        spread_ax.plot(*_series(records, "group_reward_std"), "--", color=colour, label=name + "within groups, mean")
         kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
         for key, style, label in kls:
             if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
                 kl_ax.plot(step, [r[key] for r in records], style, color=colour, label=name + label)
-        clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "clip fraction")
+        clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "all")
+        clip_ax.plot(*_series(records, "clipfrac_gt_one"), "--", color=colour, label=name + "r > 1 + ε")
+        clip_ax.plot(*_series(records, "clipfrac_lt_one"), ":", color=colour, label=name + "r < 1 − ε")
+        ratio_ax.plot(*_series(records, "ratio_mean"), color=colour, label=name + "mean, min to max")
+        lows, highs = _series(records, "ratio_min"), _series(records, "ratio_max")
+        ratio_ax.fill_between(lows[0], lows[1], highs[1], color=colour, alpha=0.2, linewidth=0)
+        if "clip_range" in config:
+            for bound in (1 - config["clip_range"], 1 + config["clip_range"]):
+                ratio_ax.axhline(bound, color=colour, linestyle=":", linewidth=0.8)
+        norm_ax.plot(*_series(records, "grad_norm_mean"), color=colour, label=name + "mean over optimizer steps")
+        norm_ax.plot(*_series(records, "grad_norm_max"), "--", color=colour, label=name + "max")
+        if "max_grad_norm" in config:
+            norm_ax.axhline(config["max_grad_norm"], color=colour, linestyle=":", label=name + "clipping threshold")
         for phase, style in (("rollout", "-"), ("reward", ":"), ("train", "--")):
             time_ax.plot(step, [r[f"seconds_{phase}"] for r in records], style, color=colour, label=name + phase)
+        for key, ax in component_axes.items():
+            ax.plot(*_series(records, key), "o--", color=colour, label=f"{name}eval ({eval_steps})")
+            if any(f"{key[5:]}_mean" in r for r in records):
+                ax.plot(*_series(records, f"{key[5:]}_mean"), color=colour, alpha=0.5, label=f"{name}rollout mean")
     reward_ax.set(title="reward", ylabel="reward")
-    kl_ax.set(title="KL per dimension (mean over the step's backward passes)", yscale="log")
-    clip_ax.set(title="fraction of clipped ratios", xlabel="step")
-    time_ax.set(title="seconds per phase of a step", xlabel="step", ylim=(0, None))
-    for ax in (reward_ax, kl_ax, clip_ax, time_ax):
+    spread_ax.set(title="reward std: all images, within groups", ylim=(0, None))
+    kl_ax.set(title="KL per dimension", yscale="log")
+    clip_ax.set(title="fraction of clipped ratios", ylim=(0, None))
+    ratio_ax.set(title="ratio π_θ / π_old (dotted: 1 ± ε)")
+    norm_ax.set(title="gradient norm before clipping", yscale="log")
+    time_ax.set(title="seconds per phase of a step", ylim=(0, None))
+    for key, ax in component_axes.items():
+        ax.set(title=f"{key} (reward component)")
+    for ax in axes[7 + len(components) :]:
+        ax.remove()
+    shown = axes[: 7 + len(components)]
+    for k, ax in enumerate(shown):
         ax.grid(alpha=0.3)
+        ax.tick_params(labelbottom=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if k + 3 >= len(shown):  # the last panel of each column
+            ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(", ".join(names))
-    fig.savefig(path + ".tmp", format="png", dpi=100)
-    os.replace(path + ".tmp", path)  # a viewer never sees half a PNG
-    return True
+    return fig
 
 
 # Experiment trackers (--log-with): TensorBoard, Weights & Biases ---------------------------------

@@ -2273,7 +2273,7 @@ def test_curves_are_drawn_at_each_evaluation(short_run):
     folder, lines_at_figure, _ = short_run
     assert lines_at_figure == [3, 4]  # after the evaluations of steps 3 and 4 were logged, not at steps 1-2
     with Image.open(folder / "curves.png") as figure:
-        assert figure.format == "PNG" and figure.size == (1200, 750)
+        assert figure.format == "PNG" and figure.size == (1500, 1020)  # 7 panels; the only component is eval_reward
     assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
 
 
@@ -2819,12 +2819,18 @@ import flow_grpo as F
 import test_flow_grpo as T
 
 grads = T.record_update_gradients()
+order = T.record_training_order()
 run = F.train(T.tiny_config({out!r}, **T.SPLIT_GROUPS))
 rank = int(os.environ["RANK"])
-torch.save({{"params": [p.detach() for p in run.params], "grads": grads}}, {out!r} + f"/rank{{rank}}.pt")
+saved = {{"params": [p.detach() for p in run.params], "grads": grads, "order": order}}
+torch.save(saved, {out!r} + f"/rank{{rank}}.pt")
 """
-# 3 prompts x 4 images on 2 processes in batches of 2: the second group spans both ranks and two batches.
-SPLIT_GROUPS = dict(groups_per_step=3, batch_size=2, updates_per_step=1, max_steps=2)
+# 3 prompts x 4 images on 2 processes in batches of 2: the second group spans both ranks and two batches. Each
+# rank's 3 batches make 2 optimizer steps, [0, 1] and [2]; the first prompt's rewards are constant (first_constant),
+# so in step 1 rank 0 holds no informative sample before the first optimizer step, rank 1 does.
+SPLIT_GROUPS = dict(
+    groups_per_step=3, batch_size=2, updates_per_step=2, max_steps=2, reward="test_flow_grpo:first_constant"
+)
 
 
 def record_update_gradients():
@@ -2858,21 +2864,35 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p0, p1)
+    # Step 1: rank 0 trains nothing before the first optimizer step (its first prompt's rewards are constant);
+    # rank 1 does. 3 trained steps per batch: rank 0 trains batch 2 only, rank 1 all three.
+    assert ranks[0]["order"][:5] == ["update", "loss", "loss", "loss", "update"]
+    assert ranks[1]["order"][:10] == ["loss"] * 6 + ["update"] + ["loss"] * 3
     # One process holding all 12 images: the same rewards, advantages and on-policy first update, and
-    # the gradient of every optimizer step equal to the 2-process one (not halved, not doubled).
+    # the gradient of every optimizer step equal to the 2-process one (not halved, not doubled). Its
+    # optimizer steps take the same batches: rank 0's and rank 1's [0, 1], then their [2].
     monkeypatch.setattr(F, "sum_gradients", F.sum_gradients)
     single_grads = record_update_gradients()
+    real_chunks = F.update_chunks
+    monkeypatch.setattr(
+        F, "update_chunks", lambda n, k: [[r * n // 2 + b for r in (0, 1) for b in c] for c in real_chunks(n // 2, k)]
+    )
     single = F.train(tiny_config(tmp_path / "single", **SPLIT_GROUPS))
-    assert len(single_grads) == len(ranks[0]["grads"]) == 2
+    assert len(single_grads) == len(ranks[0]["grads"]) == 4
     for g1, g2 in zip(single_grads, ranks[0]["grads"]):
         assert g1.abs().max() > 0
         torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-4 * g1.abs().max().item())
     for p1, p2 in zip(single.params, ranks[0]["params"]):  # Adam's g / sqrt(v) magnifies last-bit differences
         torch.testing.assert_close(p2, p1.detach(), rtol=1e-4, atol=1e-5)  # of near-zero gradient entries
     for r1, r2 in zip(read_metrics(tmp_path / "single"), read_metrics(out)):  # rank 0 alone wrote the run's files
+        # Measured before the first optimizer step only, the maximum over ranks: rank 0's first ratios, taken
+        # after rank 1's update, do not count.
         assert r2["step"] == r1["step"] and r2["first_ratio_error"] == r1["first_ratio_error"] == 0.0
         assert r2["reward_mean"] == pytest.approx(r1["reward_mean"], rel=1e-6)
         assert r2["reward_std"] == pytest.approx(r1["reward_std"], rel=1e-4)
+        # Each optimizer step's statistics averaged over the samples of all ranks, not rank 0's alone.
+        for key in HEALTH_METRICS:
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-9), key
 
 
 def test_torchrun_prints_a_usage_error_once(tmp_path, monkeypatch, capsys):
@@ -4211,3 +4231,169 @@ def test_a_run_draws_the_prompts_of_its_steps_from_the_oldest_checkpoint_on(tmp_
         os.makedirs(tmp_path / "checkpoints" / name)
     assert F.prompts_drawn(dataclasses.replace(cfg, resume=True), prompts) == steps(3) != steps(0)
     assert F.prompts_drawn(dataclasses.replace(cfg, resume=True, max_steps=3), prompts) == []
+
+
+# Training-health metrics (issue 18, section 2): grad norm, ratios, clip fractions, group std, all ranks
+# ------------------------------------------------------------------------------------------------
+
+
+def record_objective_and_updates():
+    """Spy on train(): every grpo_step_objective call (inputs and output) and, as the string "update", every
+    optimizer step, in order."""
+    events, real_objective, real_sum = [], F.grpo_step_objective, F.sum_gradients
+
+    def objective_spy(log_prob, old_log_prob, advantages, clip_range, *args, weights=None, **kwargs):
+        out = real_objective(log_prob, old_log_prob, advantages, clip_range, *args, weights=weights, **kwargs)
+        events.append(dict(log_prob=log_prob.detach(), old=old_log_prob, weights=weights, eps=clip_range, out=out))
+        return out
+
+    def sum_spy(params, dist):
+        real_sum(params, dist)
+        events.append(("update", torch.cat([p.grad.flatten() for p in params]).double().clone()))
+
+    return events, objective_spy, sum_spy
+
+
+def test_health_metrics_of_a_step_equal_a_hand_computation(tmp_path, monkeypatch):
+    events, objective_spy, sum_spy = record_objective_and_updates()
+    seen = {}
+    real_advantages = F.step_advantages
+
+    def advantages_spy(all_rewards, image_prompts, cfg):
+        seen.update(rewards=all_rewards.clone(), prompts=list(image_prompts))
+        return real_advantages(all_rewards, image_prompts, cfg)
+
+    monkeypatch.setattr(F, "grpo_step_objective", objective_spy)
+    monkeypatch.setattr(F, "sum_gradients", sum_spy)
+    monkeypatch.setattr(F, "step_advantages", advantages_spy)
+    # 4 prompts x 2 images in 2 batches: 2 updates of 1 batch x 3 trained steps; the fourth prompt's rewards are
+    # constant, so the second batch holds 2 samples the update does not train (weight 0) next to 2 it does.
+    reward = "test_flow_grpo:fourth_constant"
+    cfg = tiny_config(tmp_path / "out", groups_per_step=4, group_size=2, reward=reward, clip_range=1e-6)
+    F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    updates, entries = [], []
+    for event in events:
+        if isinstance(event, tuple):
+            updates.append((entries, event[1]))
+            entries = []
+        else:
+            entries.append(event)
+    assert len(updates) == 2 and all(len(u) == 3 for u, _ in updates)
+    # By hand, each optimizer step: r = exp(log p - log p_old); the loss's weights w (summing to 1 over the
+    # optimizer step) average r, [r - 1 > eps], [1 - r > eps] (official clipfrac_gt_one, clipfrac_lt_one) and
+    # the objective's kl; extremes over the samples with w > 0; the all-reduced gradient's norm.
+    hand = {k: [] for k in ("ratio_mean", "gt", "lt", "kl", "ratio_min", "ratio_max", "norm")}
+    for entries, grad in updates:
+        w = torch.cat([e["weights"] for e in entries]).double()
+        r = torch.cat([(e["log_prob"] - e["old"]).exp() for e in entries])  # float32, as the objective's
+        eps = entries[0]["eps"]
+        assert w.sum().item() == pytest.approx(1.0)
+        hand["ratio_mean"].append((w * r).sum().item())
+        hand["gt"].append((w * (r - 1 > eps)).sum().item())
+        hand["lt"].append((w * (1 - r > eps)).sum().item())
+        hand["kl"].append(sum(e["out"].kl.item() for e in entries))
+        hand["ratio_min"].append(r[w > 0].min().item())
+        hand["ratio_max"].append(r[w > 0].max().item())
+        hand["norm"].append(grad.norm().item())
+    assert updates[1][0][0]["weights"].tolist().count(0) == 2  # the fourth prompt's two images
+    first_entries = updates[0][0]
+    assert max((e["log_prob"] - e["old"]).abs().max().item() for e in first_entries) == 0  # on-policy
+    assert record["first_ratio_error"] == 0.0
+    assert min(hand["ratio_min"]) < 1 - 1e-6 and max(hand["ratio_max"]) > 1 + 1e-6  # clipped on both sides
+    expected = {
+        "ratio_mean": np.mean(hand["ratio_mean"]),
+        "clipfrac_gt_one": np.mean(hand["gt"]),
+        "clipfrac_lt_one": np.mean(hand["lt"]),
+        "clip_fraction": np.mean(hand["gt"]) + np.mean(hand["lt"]),
+        "kl": np.mean(hand["kl"]),
+        "ratio_min": min(hand["ratio_min"]),
+        "ratio_max": max(hand["ratio_max"]),
+        "grad_norm_mean": np.mean(hand["norm"]),
+        "grad_norm_max": max(hand["norm"]),
+    }
+    for key, value in expected.items():
+        assert record[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    # The population std of each prompt's rewards, averaged over the prompts (official reward_std_mean).
+    groups = {}
+    for prompt, reward in zip(seen["prompts"], seen["rewards"].tolist()):
+        groups.setdefault(prompt, []).append(reward)
+    assert len(groups) == 4 and sorted(np.std(g) for g in groups.values())[0] == 0
+    assert record["group_reward_std"] == pytest.approx(np.mean([np.std(g) for g in groups.values()]), rel=1e-6)
+
+
+# What the 2-process run must log as one process holding all samples does (test_two_processes_with_a_group_...).
+HEALTH_METRICS = (
+    *F.StepStats.SUMMED,
+    *("ratio_min", "ratio_max", "grad_norm_mean", "grad_norm_max", "group_reward_std", "zero_std_group_ratio"),
+)
+
+
+def constant_for(index, images, prompts):
+    """jpeg_compressibility, except 0 for every image of prompt number `index` of step 1 (seed 0)."""
+    constant = F.prompts_for_step(F.BUILTIN_PROMPTS, index + 1, 0, seed=0)[index]  # the same for any count
+    return [
+        0.0 if p == constant else r for p, r in zip(prompts, rewards.jpeg_compressibility(images, prompts).tolist())
+    ]
+
+
+def first_constant(images, prompts):
+    return constant_for(0, images, prompts)
+
+
+def fourth_constant(images, prompts):
+    return constant_for(3, images, prompts)
+
+
+def record_training_order():
+    """Spy on train(): "loss" for every step_loss call and "update" for every optimizer step, in order."""
+    order, real_loss, real_update = [], F.step_loss, F.optimizer_update
+
+    def loss_spy(*args):
+        order.append("loss")
+        return real_loss(*args)
+
+    def update_spy(*args):
+        order.append("update")
+        return real_update(*args)
+
+    F.step_loss, F.optimizer_update = loss_spy, update_spy
+    return order
+
+
+def test_curves_draw_the_health_metrics_and_every_evaluated_component(tmp_path):
+    # An older run's first step (no health metrics logged) then two steps with them; eval_pickscore and
+    # eval_aesthetic are monitor components, eval_clipscore repeats eval_reward (not drawn again).
+    old = {"step": 1, "reward_mean": 1.0, "reward_std": 0.5, "kl": 1e-3, "approx_kl": 1e-6, "clip_fraction": 0.1}
+    old.update(seconds_rollout=1.0, seconds_reward=0.1, seconds_train=2.0)
+    health = dict(clipfrac_gt_one=0.2, clipfrac_lt_one=0.1, ratio_mean=1.0, ratio_min=0.99, ratio_max=1.02)
+    new = [{**old, **health, "step": s, "grad_norm_mean": 0.1 * s, "grad_norm_max": 0.3 * s} for s in (2, 3)]
+    new[0]["group_reward_std"], new[1]["group_reward_std"] = 0.25, 0.0
+    new[1].update(eval_reward=5.0, eval_clipscore=5.0, eval_pickscore=21.5, eval_aesthetic=5.5, pickscore_mean=21.0)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [old, *new]))
+    (folder / "config.json").write_text(json.dumps({"clip_range": 1e-4, "max_grad_norm": 1.0, "eval_num_steps": 40}))
+    panels = {ax.get_title(): ax for ax in F.curves_figure([str(folder)]).axes}
+    assert len(panels) == 9 and "eval_clipscore (reward component)" not in panels
+
+    def drawn(title, label):
+        (line,) = [line for line in panels[title].get_lines() if line.get_label() == label]
+        return list(line.get_xdata()), list(line.get_ydata())
+
+    norm = "gradient norm before clipping"
+    assert drawn(norm, "mean over optimizer steps") == ([2, 3], [0.2, pytest.approx(0.3)])
+    assert drawn(norm, "max") == ([2, 3], [pytest.approx(0.6), pytest.approx(0.9)])
+    assert drawn(norm, "clipping threshold")[1] == [1.0, 1.0]
+    clip = "fraction of clipped ratios"
+    assert drawn(clip, "all")[1] == [0.1] * 3 and drawn(clip, "r > 1 + ε") == ([2, 3], [0.2, 0.2])
+    assert drawn(clip, "r < 1 − ε") == ([2, 3], [0.1, 0.1])
+    ratio = "ratio π_θ / π_old (dotted: 1 ± ε)"
+    assert drawn(ratio, "mean, min to max") == ([2, 3], [1.0, 1.0])
+    assert sorted(line.get_ydata()[0] for line in panels[ratio].get_lines()[1:]) == [1 - 1e-4, 1 + 1e-4]
+    (band,) = panels[ratio].collections
+    assert band.get_paths()[0].vertices[:, 1].min() == 0.99 and band.get_paths()[0].vertices[:, 1].max() == 1.02
+    assert drawn("reward std: all images, within groups", "within groups, mean") == ([2, 3], [0.25, 0.0])
+    assert drawn("eval_pickscore (reward component)", "eval (40-step ODE)") == ([3], [21.5])
+    assert drawn("eval_pickscore (reward component)", "rollout mean") == ([3], [21.0])
+    assert drawn("eval_aesthetic (reward component)", "eval (40-step ODE)") == ([3], [5.5])
