@@ -4397,3 +4397,23 @@ def test_curves_draw_the_health_metrics_and_every_evaluated_component(tmp_path):
     assert drawn("eval_pickscore (reward component)", "eval (40-step ODE)") == ([3], [21.5])
     assert drawn("eval_pickscore (reward component)", "rollout mean") == ([3], [21.0])
     assert drawn("eval_aesthetic (reward component)", "eval (40-step ODE)") == ([3], [5.5])
+
+
+def test_ratio_and_clip_statistics_leave_out_the_samples_the_update_does_not_train(tiny_pipe, tmp_path):
+    import copy
+
+    cfg = tiny_config(tmp_path)
+    transformer, _ = F.add_lora(copy.deepcopy(tiny_pipe.transformer), cfg)  # B = 0: the rollout policy, r = 1
+    batch, sigmas, timesteps, advantages = informative_and_constant_batch(tiny_pipe, transformer, cfg)
+    j = 1  # the constant group's recorded log-probs moved by -1 and +1: its ratios become e and 1/e
+    log_probs = batch.trajectory.log_probs.clone()
+    log_probs[0, j], log_probs[1, j] = log_probs[0, j] - 1, log_probs[1, j] + 1
+    batch = batch._replace(trajectory=batch.trajectory._replace(log_probs=log_probs))
+    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]  # 0, 0, 1/2, 1/2
+    levels = [cfg.noise_level] * cfg.num_steps
+    _, parts, ratio = F.step_loss(
+        transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg
+    )
+    torch.testing.assert_close(ratio, torch.tensor([math.e, 1 / math.e, 1, 1]))
+    assert parts["ratio_min"] == parts["ratio_max"] == 1.0 and parts["ratio_mean"] == pytest.approx(1.0, abs=1e-7)
+    assert parts["clip_fraction"] == parts["clipfrac_gt_one"] == parts["clipfrac_lt_one"] == 0.0
