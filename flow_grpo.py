@@ -2314,7 +2314,7 @@ def curves_figure(folders):
         spread_ax.plot(*_series(records, "group_reward_std"), "--", color=colour, label=name + "within groups, mean")
         kls = (("kl", "-", "kl to the frozen model (β term)"), ("approx_kl", "--", "approx_kl to the rollout policy"))
         for key, style, label in kls:
-            if any(r[key] > 0 for r in records):  # log axes: an all-zero series (β = 0) has nothing to draw
+            if any(r[key] > 0 for r in records):  # log axis: an all-zero series (β = 0) has nothing to draw
                 kl_ax.plot(step, [r[key] for r in records], style, color=colour, label=name + label)
         clip_ax.plot(step, [r["clip_fraction"] for r in records], color=colour, label=name + "all")
         clip_ax.plot(*_series(records, "clipfrac_gt_one"), "--", color=colour, label=name + "r > 1 + ε")
@@ -2337,13 +2337,16 @@ def curves_figure(folders):
                 ax.plot(*_series(records, f"{key[5:]}_mean"), color=colour, alpha=0.5, label=f"{name}rollout mean")
     reward_ax.set(title="reward", ylabel="reward")
     spread_ax.set(title="reward std: all images, within groups", ylim=(0, None))
-    kl_ax.set(title="KL per dimension", yscale="log")
+    kl_ax.set(title="KL per dimension")
     clip_ax.set(title="fraction of clipped ratios", ylim=(0, None))
     ratio_ax.set(title="ratio π_θ / π_old (dotted: 1 ± ε)")
-    norm_ax.set(title="gradient norm before clipping", yscale="log")
+    norm_ax.set(title="gradient norm before clipping")
     time_ax.set(title="seconds per phase of a step", ylim=(0, None))
     for key, ax in component_axes.items():
         ax.set(title=f"{key} (reward component)")
+    for ax in (kl_ax, norm_ax):
+        if any(y > 0 for line in ax.get_lines() for y in line.get_ydata()):  # a log axis needs a positive value
+            ax.set_yscale("log")
     for ax in axes[7 + len(components) :]:
         ax.remove()
     shown = axes[: 7 + len(components)]

@@ -4397,6 +4397,12 @@ def test_curves_draw_the_health_metrics_and_every_evaluated_component(tmp_path):
     assert drawn("eval_pickscore (reward component)", "eval (40-step ODE)") == ([3], [21.5])
     assert drawn("eval_pickscore (reward component)", "rollout mean") == ([3], [21.0])
     assert drawn("eval_aesthetic (reward component)", "eval (40-step ODE)") == ([3], [5.5])
+    assert panels[norm].get_yscale() == "log"
+    # A run from before these metrics: its figure draws, the empty gradient-norm panel on a linear axis.
+    (tmp_path / "older").mkdir()
+    (tmp_path / "older" / "metrics.jsonl").write_text(json.dumps(old) + "\n")
+    assert F.write_curves([str(tmp_path / "older")], str(tmp_path / "older.png"))
+    assert {ax.get_title(): ax for ax in F.curves_figure([str(tmp_path / "older")]).axes}[norm].get_yscale() == "linear"
 
 
 def test_ratio_and_clip_statistics_leave_out_the_samples_the_update_does_not_train(tiny_pipe, tmp_path):
