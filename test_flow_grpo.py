@@ -1536,7 +1536,7 @@ def test_bf16_lora_runs_in_bf16_with_fp32_master_weights(tiny_pipe, tmp_path):
             F.grad_scaler(torch.bfloat16, torch.device("cpu")),
             F.Distributed(0, 1, "cpu"),
             max_grad_norm=1e9,
-        )
+        )[0]
         == "applied"
     )
     assert all(s.dtype == torch.float32 for state in optimizer.state.values() for s in state.values() if s.dim())
