@@ -2825,11 +2825,12 @@ rank = int(os.environ["RANK"])
 saved = {{"params": [p.detach() for p in run.params], "grads": grads, "order": order}}
 torch.save(saved, {out!r} + f"/rank{{rank}}.pt")
 """
-# 3 prompts x 4 images on 2 processes in batches of 2: the second group spans both ranks and two batches. Each
-# rank's 3 batches make 2 optimizer steps, [0, 1] and [2]; the first prompt's rewards are constant (first_constant),
-# so in step 1 rank 0 holds no informative sample before the first optimizer step, rank 1 does.
+# 3 prompts x 4 images on 2 processes in batches of 2: the second group spans both ranks and two batches. In step
+# 1 the second prompt's rewards are constant (second_constant), so the informative samples are images 0-3 (rank 0's
+# batches 0, 1) and 8-11 (rank 1's batches 1, 2): the first optimizer step's equal share is rank 0's alone, and
+# rank 1 holds no informative sample before the first optimizer step.
 SPLIT_GROUPS = dict(
-    groups_per_step=3, batch_size=2, updates_per_step=2, max_steps=2, reward="test_flow_grpo:first_constant"
+    groups_per_step=3, batch_size=2, updates_per_step=2, max_steps=2, reward="test_flow_grpo:second_constant"
 )
 
 
@@ -2864,19 +2865,14 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     ranks = [torch.load(f"{out}/rank{r}.pt", weights_only=True) for r in range(2)]
     for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p0, p1)
-    # Step 1: rank 0 trains nothing before the first optimizer step (its first prompt's rewards are constant);
-    # rank 1 does. 3 trained steps per batch: rank 0 trains batch 2 only, rank 1 all three.
-    assert ranks[0]["order"][:5] == ["update", "loss", "loss", "loss", "update"]
-    assert ranks[1]["order"][:10] == ["loss"] * 6 + ["update"] + ["loss"] * 3
+    # Step 1, 3 trained steps per batch: rank 1 trains nothing before the first optimizer step, only after it.
+    assert ranks[0]["order"][:8] == ["loss"] * 6 + ["update", "update"]
+    assert ranks[1]["order"][:8] == ["update"] + ["loss"] * 6 + ["update"]
     # One process holding all 12 images: the same rewards, advantages and on-policy first update, and
-    # the gradient of every optimizer step equal to the 2-process one (not halved, not doubled). Its
-    # optimizer steps take the same batches: rank 0's and rank 1's [0, 1], then their [2].
+    # the gradient of every optimizer step equal to the 2-process one (not halved, not doubled): the equal
+    # shares of the informative samples are cut in the same rank-major order.
     monkeypatch.setattr(F, "sum_gradients", F.sum_gradients)
     single_grads = record_update_gradients()
-    real_chunks = F.update_chunks
-    monkeypatch.setattr(
-        F, "update_chunks", lambda n, k: [[r * n // 2 + b for r in (0, 1) for b in c] for c in real_chunks(n // 2, k)]
-    )
     single = F.train(tiny_config(tmp_path / "single", **SPLIT_GROUPS))
     assert len(single_grads) == len(ranks[0]["grads"]) == 4
     for g1, g2 in zip(single_grads, ranks[0]["grads"]):
@@ -2885,8 +2881,8 @@ def test_two_processes_with_a_group_split_across_them_equal_one_process(tmp_path
     for p1, p2 in zip(single.params, ranks[0]["params"]):  # Adam's g / sqrt(v) magnifies last-bit differences
         torch.testing.assert_close(p2, p1.detach(), rtol=1e-4, atol=1e-5)  # of near-zero gradient entries
     for r1, r2 in zip(read_metrics(tmp_path / "single"), read_metrics(out)):  # rank 0 alone wrote the run's files
-        # Measured before the first optimizer step only, the maximum over ranks: rank 0's first ratios, taken
-        # after rank 1's update, do not count.
+        # Measured before the first optimizer step only, the maximum over ranks: rank 1's first ratios, taken
+        # after the first update, do not count.
         assert r2["step"] == r1["step"] and r2["first_ratio_error"] == r1["first_ratio_error"] == 0.0
         assert r2["reward_mean"] == pytest.approx(r1["reward_mean"], rel=1e-6)
         assert r2["reward_std"] == pytest.approx(r1["reward_std"], rel=1e-4)
@@ -4337,8 +4333,8 @@ def constant_for(index, images, prompts):
     ]
 
 
-def first_constant(images, prompts):
-    return constant_for(0, images, prompts)
+def second_constant(images, prompts):
+    return constant_for(1, images, prompts)
 
 
 def fourth_constant(images, prompts):
