@@ -1710,7 +1710,8 @@ def test_fp16_loss_scaling_clips_the_true_gradient_not_the_scaled_one():
         optimizer, scaler = torch.optim.SGD([p], lr=1.0), F.grad_scaler(torch.float16, torch.device("cpu"))
         assert scaler.is_enabled() and scaler.get_scale() * 0.5 > 1.0  # the scaled norm is above the limit
         scaler.scale((p * torch.tensor(true_gradient)).sum()).backward()  # p.grad = S g
-        assert F.optimizer_update([p], optimizer, scaler, dist, max_grad_norm=1.0) == "applied"
+        outcome, norm = F.optimizer_update([p], optimizer, scaler, dist, max_grad_norm=1.0)
+        assert outcome == "applied" and norm == pytest.approx(math.hypot(*true_gradient))  # the logged norm: |g|
         torch.testing.assert_close(-p.detach(), torch.tensor(applied))
 
 
@@ -3019,7 +3020,7 @@ def test_the_optimizer_steps_of_a_step_add_up_to_its_whole_gradient(tmp_path, mo
     def record_only(params, optimizer, scaler, dist, max_grad_norm):
         grads[updates].append(torch.cat([p.grad.flatten() for p in params]).clone())
         optimizer.zero_grad(set_to_none=False)
-        return "applied"
+        return "applied", grads[updates][-1].norm().item()
 
     monkeypatch.setattr(F, "optimizer_update", record_only)
     for updates in (2, 1):
@@ -4262,8 +4263,9 @@ def test_health_metrics_of_a_step_equal_a_hand_computation(tmp_path, monkeypatch
     monkeypatch.setattr(F, "grpo_step_objective", objective_spy)
     monkeypatch.setattr(F, "sum_gradients", sum_spy)
     monkeypatch.setattr(F, "step_advantages", advantages_spy)
-    # 4 prompts x 2 images in 2 batches: 2 updates of 1 batch x 3 trained steps; the fourth prompt's rewards are
-    # constant, so the second batch holds 2 samples the update does not train (weight 0) next to 2 it does.
+    # 4 prompts x 2 images in 2 batches of 4, 3 trained steps; the fourth prompt's rewards are constant, so the 6
+    # informative images make 2 equal shares: images 0-2 (batch 0), then 3-5 (batch 0 again, and batch 1, whose
+    # last 2 samples the update does not train: weight 0).
     reward = "test_flow_grpo:fourth_constant"
     cfg = tiny_config(tmp_path / "out", groups_per_step=4, group_size=2, reward=reward, clip_range=1e-6)
     F.train(cfg)
@@ -4275,7 +4277,7 @@ def test_health_metrics_of_a_step_equal_a_hand_computation(tmp_path, monkeypatch
             entries = []
         else:
             entries.append(event)
-    assert len(updates) == 2 and all(len(u) == 3 for u, _ in updates)
+    assert [len(u) for u, _ in updates] == [3, 6]
     # By hand, each optimizer step: r = exp(log p - log p_old); the loss's weights w (summing to 1 over the
     # optimizer step) average r, [r - 1 > eps], [1 - r > eps] (official clipfrac_gt_one, clipfrac_lt_one) and
     # the objective's kl; extremes over the samples with w > 0; the all-reduced gradient's norm.
@@ -4292,7 +4294,7 @@ def test_health_metrics_of_a_step_equal_a_hand_computation(tmp_path, monkeypatch
         hand["ratio_min"].append(r[w > 0].min().item())
         hand["ratio_max"].append(r[w > 0].max().item())
         hand["norm"].append(grad.norm().item())
-    assert updates[1][0][0]["weights"].tolist().count(0) == 2  # the fourth prompt's two images
+    assert updates[1][0][3]["weights"].tolist().count(0) == 2  # batch 1: the fourth prompt's two images
     first_entries = updates[0][0]
     assert max((e["log_prob"] - e["old"]).abs().max().item() for e in first_entries) == 0  # on-policy
     assert record["first_ratio_error"] == 0.0
@@ -4411,7 +4413,7 @@ def test_ratio_and_clip_statistics_leave_out_the_samples_the_update_does_not_tra
     log_probs = batch.trajectory.log_probs.clone()
     log_probs[0, j], log_probs[1, j] = log_probs[0, j] - 1, log_probs[1, j] + 1
     batch = batch._replace(trajectory=batch.trajectory._replace(log_probs=log_probs))
-    weights = F.loss_weights(advantages, [[0]], num_trained_steps=1, world=1, batch_size=4)[0, 0]  # 0, 0, 1/2, 1/2
+    weights = F.loss_weights(advantages, 1, num_trained_steps=1, world=1, batch_size=4)[0, 0, 0]  # 0, 0, 1/2, 1/2
     levels = [cfg.noise_level] * cfg.num_steps
     _, parts, ratio = F.step_loss(
         transformer, batch, j, advantages, weights, sigmas, timesteps, levels, F.sde_step, cfg
