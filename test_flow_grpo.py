@@ -2335,8 +2335,8 @@ TINY_FLAGS = [
 ]
 
 
-def run_cli(args):
-    """flow_grpo.main in this process: returns (exit code, stderr lines)."""
+def run_cli_all_lines(args):
+    """flow_grpo.main in this process: (exit code, every stderr line)."""
     import contextlib
 
     stderr = io.StringIO()
@@ -2346,7 +2346,13 @@ def run_cli(args):
             code = 0
         except SystemExit as exit:
             code = exit.code
-    return code, [line for line in stderr.getvalue().splitlines() if line.startswith("error")]
+    return code, stderr.getvalue().splitlines()
+
+
+def run_cli(args):
+    """flow_grpo.main in this process: returns (exit code, the stderr lines that are errors)."""
+    code, lines = run_cli_all_lines(args)
+    return code, [line for line in lines if line.startswith("error")]
 
 
 def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
@@ -3446,20 +3452,6 @@ def test_a_reward_server_answer_that_would_run_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def run_main(args):
-    """flow_grpo.main in this process: (exit code, every stderr line)."""
-    import contextlib
-
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            F.main(args)
-            code = 0
-        except SystemExit as exit:
-            code = exit.code
-    return code, stderr.getvalue().splitlines()
-
-
 def test_geneval_run_survives_a_lost_server_and_resumes_as_if_never_stopped(tmp_path, geneval_server):
     from safetensors.torch import load_file
 
@@ -3469,7 +3461,7 @@ def test_geneval_run_survives_a_lost_server_and_resumes_as_if_never_stopped(tmp_
     flags += ["--group-size", "2", "--batch-size", "2", "--updates-per-step", "1", "--save-every", "1"]
     flags += ["--reward-server", geneval_server.address, "--reward-retry-minutes", "0.02"]
     whole = str(tmp_path / "whole")
-    assert run_main(flags + ["--out", whole])[0] == 0
+    assert run_cli_all_lines(flags + ["--out", whole])[0] == 0
     # Requests: the check at start (one image), the evaluation at step 0 (3 prompts in batches of 2), each step's 2
     # rollout batches, the last evaluation. A rollout request holds two images of one group: one prompt's metadata.
     sent = [__import__("pickle").loads(body)["meta_datas"] for _, _, body in geneval_server.requests]
@@ -3488,7 +3480,7 @@ def test_geneval_run_survives_a_lost_server_and_resumes_as_if_never_stopped(tmp_
     geneval_server.requests.clear()
     geneval_server.kill_after = 5
     stopped = str(tmp_path / "stopped")
-    code, lines = run_main(flags + ["--out", stopped])
+    code, lines = run_cli_all_lines(flags + ["--out", stopped])
     errors = [line for line in lines if line.startswith("error")]
     assert code == 1 and len(errors) == 1, lines
     assert f"GenEval reward server at http://{geneval_server.address}/ failed for 0.02 min" in errors[0]
@@ -3497,7 +3489,7 @@ def test_geneval_run_survives_a_lost_server_and_resumes_as_if_never_stopped(tmp_
     assert [r["step"] for r in read_metrics(stopped)] == [1]
     # The server is back on the same address: --resume ends where the uninterrupted run ended.
     geneval_server.__init__(geneval_answer, port=geneval_server.port)
-    assert run_main(flags + ["--out", stopped, "--resume"])[0] == 0
+    assert run_cli_all_lines(flags + ["--out", stopped, "--resume"])[0] == 0
     for name in ("lora/pytorch_lora_weights.safetensors", "checkpoints/step_000002/lora.safetensors"):
         a, b = load_file(f"{whole}/{name}"), load_file(f"{stopped}/{name}")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -3515,17 +3507,17 @@ def test_geneval_server_down_at_start_is_one_line_exit_2_before_anything(tmp_pat
     address = geneval_server.address
     geneval_server.kill()
     out = tmp_path / "out"
-    code, lines = run_main(flags + ["--reward-server", address, "--out", str(out)])
+    code, lines = run_cli_all_lines(flags + ["--reward-server", address, "--out", str(out)])
     assert code == 2 and len(lines) == 1, lines
     assert f"cannot use the GenEval reward server at http://{address}/ (ConnectionRefusedError" in lines[0]
     assert 'gunicorn "app_geneval:create_app()"' in lines[0] and not out.exists()
     # A server of another protocol (here one answering JSON) is refused as clearly.
     other = StandInServer(lambda path, body: (200, b'{"scores": [1]}'))
-    code, lines = run_main(flags + ["--reward-server", other.address, "--out", str(out)])
+    code, lines = run_cli_all_lines(flags + ["--reward-server", other.address, "--out", str(out)])
     other.kill()
     assert code == 2 and len(lines) == 1 and "a reward server must answer a pickle" in lines[0] and not out.exists()
     # Prompts without GenEval metadata: refused before the server is asked.
-    code, lines = run_main(TINY_FLAGS + ["--reward", "geneval", "--out", str(out)])
+    code, lines = run_cli_all_lines(TINY_FLAGS + ["--reward", "geneval", "--out", str(out)])
     assert code == 2 and "reward geneval needs GenEval metadata" in lines[0] and not out.exists()
 
 
@@ -3642,10 +3634,10 @@ def test_vlm_judge_down_or_mute_at_start_is_one_line_exit_2(tmp_path):
     judge = StandInJudge(reply="I cannot see an image.")
     flags = TINY_FLAGS + ["--reward", "vlm", "--vlm-url", f"http://{judge.server.address}/v1"]
     out = tmp_path / "out"
-    code, lines = run_main(flags + ["--out", str(out)])
+    code, lines = run_cli_all_lines(flags + ["--out", str(out)])
     assert code == 2 and len(lines) == 1 and "replied without 'Final Score: N'" in lines[0] and not out.exists()
     judge.server.kill()
-    code, lines = run_main(flags + ["--out", str(out)])
+    code, lines = run_cli_all_lines(flags + ["--out", str(out)])
     assert code == 2 and len(lines) == 1 and "cannot use the VLM judge at http://127.0.0.1" in lines[0]
     assert "vLLM or sglang" in lines[0] and not out.exists()
 
