@@ -4413,3 +4413,122 @@ def test_ratio_and_clip_statistics_leave_out_the_samples_the_update_does_not_tra
     torch.testing.assert_close(ratio, torch.tensor([math.e, 1 / math.e, 1, 1]))
     assert parts["ratio_min"] == parts["ratio_max"] == 1.0 and parts["ratio_mean"] == pytest.approx(1.0, abs=1e-7)
     assert parts["clip_fraction"] == parts["clipfrac_gt_one"] == parts["clipfrac_lt_one"] == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Documented commands (issue 20 §2): every command of README.md and docs/*.md parses and passes the flag checks
+# --------------------------------------------------------------------------------------------------
+REPO = os.path.dirname(os.path.abspath(F.__file__))
+DOCUMENTED = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))]
+# A command that shows a shape rather than a runnable line writes "..." for what the reader fills in.
+PLACEHOLDER = "..."
+
+
+def documented_commands(text):
+    """(line, words) of each `python flow_grpo.py`, `python toy_2d.py` or `torchrun ... flow_grpo.py` command in
+    the fenced code blocks of a Markdown text: backslash continuations joined, comments and a leading `$ `
+    prompt dropped, VAR="..." assignments of the same block substituted, `A && B` and `A; B` split."""
+    import re
+    import shlex
+
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+        variables = {}
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.strip().removeprefix("$ ")
+            assignment = re.fullmatch(r'(\w+)="([^"]*)"', line)
+            if assignment:
+                variables[assignment[1]] = assignment[2]
+                continue
+            line = re.sub(r"\$\{?(\w+)\}?", lambda m: variables.get(m[1], m[0]), line)
+            try:
+                words = shlex.split(line, comments=True)
+            except ValueError:  # a line of program output, not a command
+                continue
+            command = []
+            for word in [*words, ";"]:
+                if word not in ("&&", ";", "|", "||"):
+                    command.append(word)
+                    continue
+                while command and re.fullmatch(r"[A-Z_]+=\S*", command[0]):  # VLM_API_KEY=... python ...
+                    command.pop(0)
+                script = next((w for w in command if w.endswith((".py"))), None)
+                launched = command[:1] == ["torchrun"] or command[:2] == ["python", script]
+                if launched and script in ("flow_grpo.py", "toy_2d.py"):
+                    yield line, command
+                command = []
+
+
+def processes(torchrun_words):
+    """torchrun's process count: --nproc_per_node times --nnodes."""
+    counts = {"--nproc_per_node": 1, "--nnodes": 1}
+    for i, word in enumerate(torchrun_words):
+        name, _, value = word.partition("=")
+        if name in counts:
+            counts[name] = int(value or torchrun_words[i + 1])
+    return counts["--nproc_per_node"] * counts["--nnodes"]
+
+
+def test_documented_commands_parse_and_pass_the_flag_checks(monkeypatch):
+    """A renamed flag, a refused combination at the command's process count, a command that trains without its
+    own --out or shares one with another: each fails here. --plot and --compare are parsed by their own parsers
+    (not run); the toy's commands by the toy's."""
+    trained_outs, checked = {}, 0
+    parsed = []  # what --plot/--compare's parsers handed to the work they would do
+    monkeypatch.setattr(F, "compare_lora", lambda *args: parsed.append(("compare", args)))
+    monkeypatch.setattr(F, "read_metrics", lambda run: [{"step": 1}])
+    monkeypatch.setattr(F, "write_curves", lambda runs, output: parsed.append(("plot", runs, output)) or True)
+    for path in DOCUMENTED:
+        with open(os.path.join(REPO, path), encoding="utf-8") as f:
+            commands = list(documented_commands(f.read()))
+        for line, words in commands:
+            if PLACEHOLDER in line:
+                continue
+            where = f"{path}: {line}"
+            script = words.index(next(w for w in words if w.endswith(".py")))
+            args = words[script + 1 :]
+            try:
+                if words[script] == "toy_2d.py":
+                    toy_2d.parse_args(args)
+                elif args[:1] in (["--plot"], ["--compare"]):
+                    before = len(parsed)
+                    F.main(args)
+                    assert len(parsed) == before + 1, where
+                else:
+                    cfg = F.parse_config(args)
+                    world = processes(words[:script]) if words[0] == "torchrun" else 1
+                    F.check_config(cfg, F.Distributed(0, world, torch.device("cpu")))
+                    assert "--out" in args, f"{where}: a command that trains names its own --out"
+                    assert cfg.out not in trained_outs, f"{where}: --out {cfg.out} is also {trained_outs[cfg.out]}"
+                    trained_outs[cfg.out] = where
+            except SystemExit as error:
+                raise AssertionError(f"{where}: the parser refused it (exit {error.code})") from None
+            except F.UsageError as error:
+                raise AssertionError(f"{where}: {error}") from None
+            checked += 1
+    # The extraction itself: the README's full-run commands (24 GB, 80 GB, 8 GPUs) and more are among those checked.
+    assert checked >= 20 and len(trained_outs) >= 12, (checked, sorted(trained_outs))
+
+
+def test_documented_commands_extraction():
+    """The extractor on a block with the shapes the docs use: a continuation, a variable, a comment, a prompt,
+    an environment assignment, `&&`, torchrun over nodes; its process count."""
+    text = (
+        "```bash\n"
+        'G="--reward ocr --beta 0.04"\n'
+        "pip install x && python toy_2d.py --seed 1   # the toy\n"
+        "torchrun --nnodes 4 --nproc_per_node=8 --node_rank $NODE_RANK \\\n  flow_grpo.py $G --out runs/a\n"
+        "VLM_API_KEY=k python flow_grpo.py --reward vlm --out runs/b\n"
+        "$ python flow_grpo.py --compare runs/b\n"
+        "step 0 | eval reward 0.15\n"
+        "```\n"
+        "python flow_grpo.py --out outside_a_block\n"
+    )
+    commands = [words for _, words in documented_commands(text)]
+    assert commands == [
+        ["python", "toy_2d.py", "--seed", "1"],
+        ["torchrun", "--nnodes", "4", "--nproc_per_node=8", "--node_rank", "$NODE_RANK", "flow_grpo.py"]
+        + ["--reward", "ocr", "--beta", "0.04", "--out", "runs/a"],
+        ["python", "flow_grpo.py", "--reward", "vlm", "--out", "runs/b"],
+        ["python", "flow_grpo.py", "--compare", "runs/b"],
+    ]
+    assert processes(commands[1][:7]) == 32 and processes(["torchrun", "--nproc_per_node", "8"]) == 8
