@@ -4419,7 +4419,10 @@ def test_ratio_and_clip_statistics_leave_out_the_samples_the_update_does_not_tra
 # Documented commands (issue 20 §2): every command of README.md and docs/*.md parses and passes the flag checks
 # --------------------------------------------------------------------------------------------------
 REPO = os.path.dirname(os.path.abspath(F.__file__))
-DOCUMENTED = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))]
+DOCUMENTED = [
+    "README.md",
+    *sorted(f"docs/{name}" for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")),
+]
 # A command that shows a shape rather than a runnable line writes "..." for what the reader fills in.
 PLACEHOLDER = "..."
 
