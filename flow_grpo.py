@@ -3042,17 +3042,17 @@ FLAG_GROUPS = {
 }
 
 # The README's official-set commands (its prompt files downloaded as it says), each with its own --out.
-RECIPES = """recipes (SD3.5-M, PickScore, the official prompt set; README "The full run"):
+RECIPES = """recipes (SD3.5-M, PickScore, the official prompt set; README "Train SD3.5-Medium" has the table):
   one 24 GB GPU (15.7 GB peak by nvidia-smi, measured on one H100):
     python flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
       --eval-prompts pickscore_test_256.txt --precompute-text-embeds --gradient-checkpointing \\
-      --out runs/pickscore_24gb
+      --out runs/ps_1x24gb
   one 80 GB GPU (the defaults: 58.6 GiB peak allocated, measured on one H100):
     python flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
-      --eval-prompts pickscore_test_256.txt --out runs/pickscore_80gb
-  8 GPUs of 80 GB (the defaults on each):
-    torchrun --nproc_per_node=8 flow_grpo.py --model sd3.5-medium --reward pickscore --groups-per-step 48 \\
-      --prompts pickscore_train.txt --eval-prompts pickscore_test.txt --out runs/pickscore_8gpu
+      --eval-prompts pickscore_test_256.txt --out runs/ps_1x80gb
+  8 GPUs of 80 GB (the official group 24 x 48 prompts; about 60 GB per GPU, computed from the one-GPU peak):
+    torchrun --nproc_per_node=8 flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
+      --eval-prompts pickscore_test.txt --group-size 24 --groups-per-step 48 --out runs/ps_8x80gb
 
 python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help);
 python flow_grpo.py --compare RUN draws a run's LoRA next to the base model (see --compare --help)"""
