@@ -517,16 +517,17 @@ def load_pipeline(model: str, dtype: torch.dtype):
         raise UsageError(advice) from None
 
 
-def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True):
+def add_lora(transformer, cfg: Config, bf16_lora_arithmetic: bool = True, targets=LORA_TARGETS):
     """Wrap the transformer with a trainable LoRA; the frozen base is the reference policy. The LoRA weights
     are fp32 whatever the base dtype; over bf16 base weights they are applied in bf16 (lora_in_base_dtype)
-    unless bf16_lora_arithmetic is False (peft's default: fp32 LoRA arithmetic on fp32 copies of the inputs)."""
+    unless bf16_lora_arithmetic is False (peft's default: fp32 LoRA arithmetic on fp32 copies of the inputs).
+    targets: the policy's lora_targets."""
     from peft import LoraConfig, get_peft_model
 
     base_dtype = transformer.dtype
     transformer.requires_grad_(False)
     lora_config = LoraConfig(
-        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian", target_modules=targets
     )
     torch.manual_seed(cfg.seed)
     # autocast_adapter_dtype (default) keeps the LoRA in fp32 over bf16/fp16 base weights.
@@ -593,14 +594,17 @@ def schedule(pipe, num_steps: int, device):
 
 @torch.no_grad()
 def sample(
-    transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None
-) -> Trajectory:
-    """The rollout of SD3 from pure noise with CFG: step j uses noise level noise_levels[j] (0 = ODE)."""
+    transformer, text, latents, sigmas, timesteps, guidance_scale, noise_levels, step_fn=sde_step, generator=None,
+    velocity=None,
+) -> Trajectory:  # fmt: skip
+    """The rollout from pure noise: step j uses noise level noise_levels[j] (0 = ODE); the velocity is the
+    policy's (Policy.velocity), SD3's guided_velocity by default."""
+    velocity = velocity or guided_velocity
 
-    def velocity(x, j):
-        return guided_velocity(transformer, x, timesteps[j], text, guidance_scale)
+    def velocity_at(x, j):
+        return velocity(transformer, x, timesteps[j], text, guidance_scale)
 
-    return rollout(velocity, latents.float(), sigmas, noise_levels, step_fn, generator)
+    return rollout(velocity_at, latents.float(), sigmas, noise_levels, step_fn, generator)
 
 
 def latent_shape(pipe, cfg: Config):
@@ -617,6 +621,40 @@ def decode_images(pipe, latents):
         images = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0].float()
     pixels = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+class SD3Policy:
+    """The seam between the algorithm and a model: all that train() asks of one. encode_text(prompts) -> one text
+    row per prompt; velocity(transformer, x_j, t_j, text, w) -> the guided velocity; latent_shape(); schedule(T) ->
+    (sigmas [T+1], timesteps [T]); decode(latents) -> images; lora_targets. uses_cfg: whether a guidance scale w > 1
+    means classifier-free guidance, with the negative prompt's rows first."""
+
+    lora_targets = LORA_TARGETS
+    uses_cfg = True
+
+    def __init__(self, pipe, resolution: int):
+        self.pipe, self.resolution = pipe, resolution
+
+    def encode_text(self, prompts, device) -> TextEmbeddings:
+        return encode_text(self.pipe, prompts, device)
+
+    def velocity(self, transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
+        return guided_velocity(transformer, x, timestep, text, guidance_scale)
+
+    def latent_shape(self):
+        scale = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+        return (self.pipe.transformer.config.in_channels, self.resolution // scale, self.resolution // scale)
+
+    def schedule(self, num_steps: int, device):
+        return schedule(self.pipe, num_steps, device)
+
+    def decode(self, latents):
+        return decode_images(self.pipe, latents)
+
+
+def model_policy(pipe, resolution: int):
+    """The policy of a loaded pipeline."""
+    return SD3Policy(pipe, resolution)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -722,34 +760,35 @@ class RolloutBatch(NamedTuple):
     trained_steps: list  # the steps j trained on: the same K for every batch, the window drawn for this one
 
 
-def score_batches(pipe, reward_fn, batches, dist: Distributed, step: int) -> dict:
+def score_batches(policy, reward_fn, batches, dist: Distributed, step: int) -> dict:
     """Each reward component of every image of the step (all ranks, in rank order): decode the final latents
     and score them, one batched reward call per rollout batch."""
     scores = {}
     for batch in progress(batches, f"step {step} reward", dist):
-        images = decode_images(pipe, batch.trajectory.latents[:, -1])
+        images = policy.decode(batch.trajectory.latents[:, -1])
         for name, value in score(reward_fn, images, batch.prompts).items():
             scores.setdefault(name, []).append(value)
     return {name: all_gather(torch.cat(v).to(dist.device), dist).cpu() for name, v in scores.items()}
 
 
 def step_loss(
-    transformer, batch: RolloutBatch, j: int, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config
+    transformer, batch, j, advantages, weights, sigmas, timesteps, noise_levels, step_fn, cfg: Config, velocity=None
 ):
     """The objective of denoising step j of one rollout batch (grpo_step_objective: Eq. 5-6 + beta KL, Eq. 10),
     weighted per sample; returns the loss, its parts for the log and the ratio of each sample. The parts are sums
     weighted as the loss (StepStats adds them up over an optimizer step), and the extreme ratios of the samples
-    with a weight."""
+    with a weight. velocity: the policy's (Policy.velocity), SD3's guided_velocity by default."""
+    velocity = velocity or guided_velocity
     latents = batch.trajectory.latents
     if weights is None:  # the plain mean over the batch
         weights = torch.full_like(advantages, 1 / len(advantages))
     x = latents[:, j]
-    v = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
+    v = velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
     out = step_fn(v, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=latents[:, j + 1])
     ref_mean = None
     if cfg.beta > 0:  # pi_ref: the same network with the LoRA switched off, same CFG
         with torch.no_grad(), transformer.disable_adapter():
-            v_ref = guided_velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
+            v_ref = velocity(transformer, x, timesteps[j], batch.text, cfg.guidance_scale)
         ref_mean = step_fn(v_ref, x, sigmas[j], sigmas[j + 1], noise_levels[j], prev_x=out.prev_x).mean
     objective = grpo_step_objective(
         out.log_prob,
@@ -862,9 +901,9 @@ def train(cfg: Config):
     (Eq. 4); 4. clipped policy-gradient steps with beta * KL to pi_ref (Eq. 5-6, 10); 5. log, evaluate, save."""
     dist = setup_distributed()
     run = start_run(cfg, dist)  # checks, run folder, reward model, SD3 + LoRA, AdamW, resume (plumbing, below)
-    pipe, transformer, learner = run.pipe, run.transformer, run.learner
+    policy, transformer, learner = model_policy(run.pipe, cfg.resolution), run.transformer, run.learner
     step_fn = sde_step if cfg.sde_type == "sde" else cps_step
-    sigmas, timesteps = schedule(pipe, cfg.num_steps, dist.device)  # sigmas[0] = 1 (noise) ... sigmas[T] = 0
+    sigmas, timesteps = policy.schedule(cfg.num_steps, dist.device)  # sigmas[0] = 1 (noise) ... sigmas[T] = 0
     images_per_rank = cfg.groups_per_step * cfg.group_size // dist.world
     num_batches = images_per_rank // cfg.batch_size
     if run.start_step == 0:  # the base model, for comparison (printed only: metrics.jsonl has one line per step)
@@ -888,15 +927,16 @@ def train(cfg: Config):
             generator = seeded(cfg.seed, step, dist.rank * num_batches + b)
             sde_steps, trained_steps = sde_and_trained_steps(cfg, generator)
             noise_levels = [cfg.noise_level if j in sde_steps else 0.0 for j in range(cfg.num_steps)]
-            noise = torch.randn(cfg.batch_size, *latent_shape(pipe, cfg), generator=generator).to(dist.device)
+            noise = torch.randn(cfg.batch_size, *policy.latent_shape(), generator=generator).to(dist.device)
             trajectory = sample(
-                transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator
-            )
+                transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, noise_levels, step_fn, generator,
+                policy.velocity,
+            )  # fmt: skip
             batches.append(RolloutBatch(batch_prompts, text, trajectory, noise_levels, trained_steps))
         watch.lap("rollout")
 
         # 2. Reward of each final image.
-        scores = score_batches(pipe, run.reward_fn, batches, dist, step + 1)  # {component: [all images of the step]}
+        scores = score_batches(policy, run.reward_fn, batches, dist, step + 1)  # {component: [all images of the step]}
         watch.lap("reward")
 
         # 3. Group-relative advantages (Eq. 4) over the rewards of all ranks, a group = one prompt.
@@ -926,6 +966,7 @@ def train(cfg: Config):
                     batches[b].noise_levels,
                     step_fn,
                     cfg,
+                    policy.velocity,
                 )
                 learner.scaler.scale(loss).backward()
                 stats.add(parts, ratio)
@@ -1014,7 +1055,7 @@ def start_run(cfg: Config, dist: Distributed) -> Run:
     check_resolution(pipe, cfg)
     if cfg.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
-    transformer, lora_config = add_lora(pipe.transformer, cfg)
+    transformer, lora_config = add_lora(pipe.transformer, cfg, targets=model_policy(pipe, cfg.resolution).lora_targets)
     compiles = compile_blocks(transformer) if cfg.compile else None
     params = lora_parameters(transformer)
     learner = Learner(
@@ -2068,13 +2109,14 @@ def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_
 
     import rewards
 
-    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, dist.device)
+    policy = model_policy(pipe, cfg.resolution)
+    sigmas, timesteps = policy.schedule(cfg.eval_num_steps, dist.device)
     mine = eval_prompts[dist.rank :: dist.world]
     names = list(reward_fn.names) + ["reward"]
     images, scores = [], []
     for start in tqdm(range(0, len(mine), cfg.batch_size), desc="eval", leave=False, disable=not dist.main):
         prompts = mine[start : start + cfg.batch_size]
-        noise = torch.randn(len(prompts), *latent_shape(pipe, cfg), generator=seeded(cfg.seed, -1, dist.rank, start))
+        noise = torch.randn(len(prompts), *policy.latent_shape(), generator=seeded(cfg.seed, -1, dist.rank, start))
         out = sample(
             transformer,
             text_for(prompts, 1),
@@ -2083,8 +2125,9 @@ def evaluate(pipe, transformer, cfg: Config, dist: Distributed, reward_fn, eval_
             timesteps,
             cfg.guidance_scale,
             [0.0] * cfg.eval_num_steps,
+            velocity=policy.velocity,
         )
-        batch_images = decode_images(pipe, out.latents[:, -1])
+        batch_images = policy.decode(out.latents[:, -1])
         images += batch_images
         result = score(reward_fn, batch_images, prompts)
         scores.append(torch.stack([result[name] for name in names], dim=1))
@@ -2118,7 +2161,7 @@ def save_rollout_groups(
     images = [
         image
         for b in range(0, shown, cfg.batch_size)
-        for image in decode_images(run.pipe, latents[b : b + cfg.batch_size])
+        for image in model_policy(run.pipe, cfg.resolution).decode(latents[b : b + cfg.batch_size])
     ]
     captions = [
         f"reward {float(image_rewards[i]):.5g}, advantage {float(advantages[i]):+.4f}\n{image_prompts[i]}"
