@@ -502,6 +502,8 @@ def load_pipeline(model: str, dtype: torch.dtype):
     clamping of overflowed activations: we keep transformers' choice, the encoder's output without the clamp."""
     if model == "tiny":
         return cast_as_loaded(build_tiny_pipeline(), dtype)
+    if model == "tiny-flux":
+        return cast_as_loaded(build_tiny_flux_pipeline(), dtype)
     from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
     model = resolve_model(model)
@@ -627,7 +629,7 @@ class SD3Policy:
     """The seam between the algorithm and a model: all that train() asks of one. encode_text(prompts) -> one text
     row per prompt; velocity(transformer, x_j, t_j, text, w) -> the guided velocity; latent_shape(); schedule(T) ->
     (sigmas [T+1], timesteps [T]); decode(latents) -> images; lora_targets. uses_cfg: whether a guidance scale w > 1
-    means classifier-free guidance, with the negative prompt's rows first."""
+    means classifier-free guidance, with the negative prompt's rows first. FluxPolicy (below) is the second one."""
 
     lora_targets = LORA_TARGETS
     uses_cfg = True
@@ -653,8 +655,8 @@ class SD3Policy:
 
 
 def model_policy(pipe, resolution: int):
-    """The policy of a loaded pipeline."""
-    return SD3Policy(pipe, resolution)
+    """The policy of a loaded pipeline: FLUX's for a FluxPipeline, else SD3's."""
+    return (FluxPolicy if type(pipe).__name__ == "FluxPipeline" else SD3Policy)(pipe, resolution)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -985,6 +987,75 @@ def train(cfg: Config):
 # --------------------------------------------------------------------------------------------------
 # 5. Plumbing, out of the reader's path
 # --------------------------------------------------------------------------------------------------
+
+
+# A second model family: FLUX.1 (--model tiny-flux), the same algorithm behind the same seam -----------------
+
+# The official FLUX LoRA (`scripts/train_flux.py`, main(), ltt0716 fork f9a5c45): SD3's attention projections (a bare
+# "attn.to_q" also hits the single blocks' attention) and the feed-forward layers of the image and text streams.
+FLUX_LORA_TARGETS = LORA_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+
+
+class FluxPolicy(SD3Policy):
+    """FLUX.1 behind SD3Policy's seam, as diffusers' FluxPipeline.__call__ and the official
+    `flow_grpo/diffusers_patch/flux_pipeline_with_logprob.py`, pipeline_with_logprob() (ltt0716 fork f9a5c45), run
+    it. The latents stay [B, C, H, W] between steps (the SDE step is elementwise and its log-density a mean over
+    elements, so packing changes nothing there) and are packed into 2x2 patches for the transformer only. FLUX.1-dev
+    is guidance-distilled: the guidance scale is an input of the network (the guidance embedding), one forward per
+    step, no negative prompt. Text: CLIP-L's pooled output and T5's embeddings at the official 128 tokens
+    (`scripts/train_flux.py`, compute_text_embeddings(), max_sequence_length=128)."""
+
+    lora_targets = FLUX_LORA_TARGETS
+    uses_cfg = False
+
+    def encode_text(self, prompts, device) -> TextEmbeddings:
+        with torch.no_grad():
+            embeds, pooled, _ = self.pipe.encode_prompt(
+                prompts, prompts, device=device, num_images_per_prompt=1, max_sequence_length=128
+            )
+        return TextEmbeddings(embeds, pooled)
+
+    def velocity(self, transformer, x, timestep, text: TextEmbeddings, guidance_scale: float):
+        """The velocity at (x, t) in fp32: x packed as FluxPipeline._pack_latents does, each 2x2 patch one token of
+        4C channels, with the (0, row, column) position ids of _prepare_latent_image_ids, the text's all 0; the
+        timestep divided by 1000 as the pipeline does."""
+        from einops import rearrange
+
+        batch, _, height, width = x.shape
+        tokens = rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2)
+        rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+        image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(x.device)
+        dtype = text.embeds.dtype
+        v = transformer(
+            hidden_states=tokens.to(dtype),
+            timestep=timestep.expand(batch).to(dtype) / 1000,
+            guidance=torch.full((batch,), guidance_scale, device=x.device, dtype=torch.float32),
+            pooled_projections=text.pooled,
+            encoder_hidden_states=text.embeds,
+            txt_ids=torch.zeros(text.embeds.shape[1], 3, device=x.device, dtype=dtype),
+            img_ids=image_ids.to(dtype),
+            return_dict=False,
+        )[0].float()
+        return rearrange(v, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=height // 2, ph=2, pw=2)
+
+    def latent_shape(self):
+        """FluxPipeline.prepare_latents' unpacked shape: the VAE's channels, its grid rounded down to even."""
+        side = 2 * (self.resolution // (2 * 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)))
+        return (self.pipe.vae.config.latent_channels, side, side)
+
+    def schedule(self, num_steps: int, device):
+        """FluxPipeline's schedule: sigmas linspace(1, 1/T, T), shifted by mu, which grows linearly with the image's
+        token count from base_shift at base_image_seq_len to max_shift at max_image_seq_len (pipeline_flux.py,
+        calculate_shift(), written as it is there), then a final 0."""
+        import numpy as np
+
+        config = self.pipe.scheduler.config
+        _, height, width = self.latent_shape()
+        slope = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
+        mu = (height // 2) * (width // 2) * slope + (config.base_shift - slope * config.base_image_seq_len)
+        sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
+        self.pipe.scheduler.set_timesteps(sigmas=sigmas, device=device, mu=mu)
+        return self.pipe.scheduler.sigmas.float(), self.pipe.scheduler.timesteps.float()
 
 
 # Setting up, ending a step, ending the run -------------------------------------------------------
@@ -2979,8 +3050,9 @@ def to_loaded_dtype(model, dtype: torch.dtype):
 
 def cast_as_loaded(pipe, dtype: torch.dtype):
     """The tiny pipeline in the dtypes load_pipeline gives a real one: the VAE fp32, the other models as loaded."""
-    for model in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        to_loaded_dtype(model, dtype)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if getattr(pipe, name, None) is not None:  # FLUX has no third text encoder
+            to_loaded_dtype(getattr(pipe, name), dtype)
     return pipe
 
 
@@ -3058,6 +3130,80 @@ def build_tiny_pipeline(seed: int = 0):
         tokenizer_2=clip_tokenizer,
         text_encoder_3=t5,
         tokenizer_3=t5_tokenizer,
+    )
+
+
+def build_tiny_flux_pipeline(seed: int = 0):
+    """A randomly initialised FLUX.1-dev-shaped pipeline for a CPU: a FluxTransformer2DModel with one double-stream
+    and one single-stream block, the guidance embedding and 3-axis rotary position ids; a 16-channel VAE with
+    FLUX's scaling and shift factors (4x down-scaling, as the tiny SD3, so an image reward can be learned); CLIP
+    (pooled) and T5 with the tokenizers built here; FLUX.1-dev's scheduler (resolution-dependent shift)."""
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        clip_tokenizer = build_tiny_clip_tokenizer(folder + "/clip")
+        t5_tokenizer = build_tiny_t5_tokenizer(folder + "/t5")
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x a 2x2 patch
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # T5's width
+        pooled_projection_dim=32,  # CLIP's width
+        guidance_embeds=True,
+        axes_dims_rope=(4, 2, 2),
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=64,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    for module in (transformer, vae, t5):
+        module.eval()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=CLIPTextModel(tiny_clip_text_config(clip_tokenizer)).eval(),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 

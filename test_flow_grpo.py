@@ -4535,3 +4535,54 @@ def test_documented_commands_extraction():
         ["python", "flow_grpo.py", "--compare", "runs/b"],
     ]
     assert processes(commands[1][:7]) == 32 and processes(["torchrun", "--nproc_per_node", "8"]) == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# FLUX.1 behind the model seam (issue 21): the tiny FLUX against diffusers' FluxPipeline, training on it
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_flux():
+    return F.build_tiny_flux_pipeline()
+
+
+def test_flux_rollout_at_noise_level_0_is_flux_pipelines_sample(tiny_flux):
+    """At noise level 0 the rollout through the seam (FluxPolicy's text, schedule and velocity in flow_grpo.sample)
+    is FluxPipeline's own sample from the same noise: the same packing and position ids, the guidance embedding,
+    the resolution-dependent shift (mu from the token count), the timestep / 1000. 64 px is 256 tokens of 2x2
+    latent patches, 48 px 144: two different shifts."""
+    from einops import rearrange
+
+    prompts = ["a photo of a cat", "a dog on the grass"]
+    for resolution, steps in ((64, 4), (48, 3)):
+        policy = F.model_policy(tiny_flux, resolution)
+        assert isinstance(policy, F.FluxPolicy) and not policy.uses_cfg
+        noise = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(resolution))
+        sigmas, timesteps = policy.schedule(steps, "cpu")
+        ours = F.sample(
+            tiny_flux.transformer,
+            policy.encode_text(prompts, "cpu"),
+            noise,
+            sigmas,
+            timesteps,
+            3.5,
+            [0.0] * steps,
+            velocity=policy.velocity,
+        ).latents[:, -1]
+        theirs = tiny_flux(
+            prompt=prompts,
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=3.5,
+            latents=rearrange(noise, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2),
+            output_type="latent",
+            max_sequence_length=128,
+        ).images
+        theirs = tiny_flux._unpack_latents(theirs, resolution, resolution, tiny_flux.vae_scale_factor)
+        assert noise.shape == (2, 16, resolution // 4, resolution // 4)
+        torch.testing.assert_close(sigmas, tiny_flux.scheduler.sigmas.float(), rtol=0, atol=0)
+        assert not torch.allclose(sigmas[1:-1], torch.linspace(1, 0, steps + 1)[1:-1], atol=1e-3)  # shifted
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        assert (ours - noise).abs().mean() > 0.1  # the sample moved away from the noise
