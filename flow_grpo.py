@@ -378,7 +378,8 @@ class Config:
 
     model: str = config_field(
         "sd3.5-medium",
-        "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' (random CPU model)",
+        "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' / 'tiny-flux' "
+        "(random CPU models)",
     )
     reward: str = config_field("pickscore", "reward name, weighted mix 'pickscore=1,aesthetic=0.2', or module:function")
     eval_reward: str = config_field(
@@ -654,8 +655,8 @@ class SD3Policy:
         return decode_images(self.pipe, latents)
 
 
-def model_policy(pipe, resolution: int):
-    """The policy of a loaded pipeline: FLUX's for a FluxPipeline, else SD3's."""
+def model_policy(pipe, resolution: int = 0):
+    """The policy of a loaded pipeline: FLUX's for a FluxPipeline, else SD3's (resolution 0: for its text only)."""
     return (FluxPolicy if type(pipe).__name__ == "FluxPipeline" else SD3Policy)(pipe, resolution)
 
 
@@ -1428,7 +1429,7 @@ MODEL_ALIASES = {
 def resolve_model(model: str) -> str:
     """The hub id or local folder that --model names, checked without loading anything."""
 
-    if model == "tiny":
+    if model in ("tiny", "tiny-flux"):
         return model
     if os.path.isdir(model):
         index = os.path.join(model, "model_index.json")
@@ -1441,8 +1442,8 @@ def resolve_model(model: str) -> str:
         return MODEL_ALIASES[model]
     if model.count("/") != 1:
         raise UsageError(
-            f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny), a hub id org/name or a "
-            "local folder"
+            f"unknown model '{model}': use an alias ({', '.join(MODEL_ALIASES)}, tiny, tiny-flux), a hub id org/name "
+            "or a local folder"
         )
     return model
 
@@ -1450,7 +1451,10 @@ def resolve_model(model: str) -> str:
 def check_resolution(pipe, cfg: Config):
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     patch = pipe.transformer.config.patch_size
-    largest = pipe.transformer.config.pos_embed_max_size * patch * scale
+    if isinstance(model_policy(pipe), FluxPolicy):  # 2x2 latent patches, rotary positions: no largest size
+        patch, largest = 2, math.inf
+    else:
+        largest = pipe.transformer.config.pos_embed_max_size * patch * scale
     if cfg.resolution % (scale * patch) or cfg.resolution > largest:
         raise UsageError(
             f"--resolution {cfg.resolution}: this model takes multiples of {scale * patch} up to {largest} px"
@@ -1845,28 +1849,28 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
     loading the encoders onto the device unless it needs new ones (a larger --max-steps).
     """
 
+    policy = model_policy(pipe)
+    guided = policy.uses_cfg and cfg.guidance_scale > 1  # FLUX's guidance is an input of the network: no negative
     if not cfg.precompute_text_embeds:
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(device)
-        negative = encode_text(pipe, [""], device) if cfg.guidance_scale > 1 else None
+        for encoder in text_encoders(pipe):
+            encoder.to(device)
+        negative = policy.encode_text([""], device) if guided else None
 
         def live(prompts, repeats=1):
             prompts = per_image(prompts, repeats)
             row = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
             index = torch.tensor([row[p] for p in prompts], device=device)
-            return images_text(encode_text(pipe, list(row), device), index, negative)
+            return images_text(policy.encode_text(list(row), device), index, negative)
 
         return live
 
     folder = f"{cfg.out}/text_embeds"
     prompts = list(dict.fromkeys(["", *all_prompts]))  # "" first: row 0 of a new cache
-    encoder = next(e for e in (pipe.text_encoder_3, pipe.text_encoder, pipe.text_encoder_2) if e is not None)
+    encoder = text_encoders(pipe)[-1]  # T5: its dtype is the rows'
     fingerprint = text_cache_fingerprint(cfg.model, encoder.dtype)
     if not all_ranks_agree(TextCache.holds(folder, fingerprint, prompts), device, world):
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(device)
+        for encoder in text_encoders(pipe):
+            encoder.to(device)
         write_text_cache(pipe, folder, prompts, fingerprint, device, rank, world)
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None
     gc.collect()
@@ -1877,7 +1881,13 @@ def text_encoder_for(pipe, cfg: Config, all_prompts, device, rank: int = 0, worl
             f"the text cache {folder} written by rank 0 is not visible to rank {rank}: "
             "--out must be on a filesystem that every process (every node) shares"
         )
-    return TextCache(folder, device, cfg.guidance_scale > 1)
+    return TextCache(folder, device, guided)
+
+
+def text_encoders(pipe) -> list:
+    """SD3's CLIP-L, CLIP-G and T5, or FLUX's CLIP-L and T5, those not freed."""
+    names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    return [getattr(pipe, name) for name in names if getattr(pipe, name, None) is not None]
 
 
 def prompts_drawn(cfg: Config, prompts) -> list:
@@ -1962,7 +1972,9 @@ def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, worl
         if rank == 0:  # a stale cache (another model or dtype) or a half-written one is of no use: free its space
             shutil.rmtree(folder, ignore_errors=True)
         barrier(world)
-        probe = encode_text(pipe, [prompts[0]], device)  # "", row 0: gives the row shapes before anything is written
+        probe = model_policy(pipe).encode_text(
+            [prompts[0]], device
+        )  # "", row 0: gives the row shapes before anything is written
         shapes = {"embeds": list(probe.embeds.shape[1:]), "pooled": list(probe.pooled.shape[1:])}
         dtype, held, new = probe.embeds.dtype, [], prompts
     else:
@@ -2005,7 +2017,7 @@ def write_text_cache(pipe, folder, prompts, fingerprint, device, rank: int, worl
             # projection picks its matmul kernel by it), so a row grown on --resume equals the row a run that
             # was never interrupted would have: the resumed run stays bit for bit the same.
             prompts_of_chunk = new[start : start + chunk]
-            text = encode_text(pipe, prompts_of_chunk + [""] * (chunk - len(prompts_of_chunk)), device)
+            text = model_policy(pipe).encode_text(prompts_of_chunk + [""] * (chunk - len(prompts_of_chunk)), device)
             put(len(held) + start, TextEmbeddings(*(part[: len(prompts_of_chunk)] for part in text)))
     finally:
         diffusers_logging.set_verbosity(verbosity)

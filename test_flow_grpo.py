@@ -4586,3 +4586,64 @@ def test_flux_rollout_at_noise_level_0_is_flux_pipelines_sample(tiny_flux):
         assert not torch.allclose(sigmas[1:-1], torch.linspace(1, 0, steps + 1)[1:-1], atol=1e-3)  # shifted
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         assert (ours - noise).abs().mean() > 0.1  # the sample moved away from the noise
+
+
+@pytest.fixture(scope="module")
+def flux_trained(tmp_path_factory):
+    """One step of train() on the tiny FLUX (guidance 3.5 through the guidance embedding), two evaluation prompts."""
+    folder = tmp_path_factory.mktemp("flux_run")
+    (folder / "eval.txt").write_text("a red apple\na photo of a cat\n")
+    cfg = tiny_config(folder / "out", model="tiny-flux", guidance_scale=3.5, eval_prompts=str(folder / "eval.txt"))
+    return F.train(cfg), cfg
+
+
+def test_flux_trains_on_policy_with_the_official_lora_targets(flux_trained):
+    """train() on the tiny FLUX: the first update's forwards reproduce the rollout's log-probs exactly (ratio 1); the
+    LoRA sits on the official FLUX targets (`scripts/train_flux.py`, main(): attention of both block types, the
+    double blocks' feed-forwards) and nothing else trains; the update changed it; the frozen base is FLUX's own."""
+    run, cfg = flux_trained
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    trainable = [name for name, p in run.transformer.named_parameters() if p.requires_grad]
+    lora_modules = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in trainable}
+    double = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj"]
+    double += ["attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj"]
+    double += ["ff_context.net.2"]
+    expected = {f"transformer_blocks.0.{t}" for t in double}
+    expected |= {f"single_transformer_blocks.0.attn.{t}" for t in ("to_q", "to_k", "to_v")}
+    assert lora_modules == expected, lora_modules ^ expected
+    assert all(p.requires_grad == ("lora_" in n) for n, p in run.transformer.named_parameters())
+    trained_b = [p for n, p in run.transformer.named_parameters() if "lora_B" in n and p.abs().sum() > 0]
+    assert len(trained_b) >= 10  # B starts at 0: the update moved the adapters
+
+
+def test_flux_lora_loads_in_flux_pipeline_and_reproduces_the_ema_model(flux_trained):
+    """OUT/lora (diffusers' format) loaded with FluxPipeline.load_lora_weights samples what the run's EMA LoRA
+    samples, from the same noise and schedule at noise level 0."""
+    from einops import rearrange
+
+    run, cfg = flux_trained
+    pipe = F.build_tiny_flux_pipeline()
+    pipe.load_lora_weights(f"{cfg.out}/lora", weight_name="pytorch_lora_weights.safetensors")
+    policy = F.model_policy(run.pipe, cfg.resolution)
+    noise = torch.randn(1, *policy.latent_shape(), generator=torch.Generator().manual_seed(3))
+    sigmas, timesteps = policy.schedule(4, "cpu")
+    text = policy.encode_text(["a cat"], "cpu")
+    with F.swap_in(run.params, run.ema_params):
+        ours = F.sample(run.transformer, text, noise, sigmas, timesteps, 3.5, [0.0] * 4, velocity=policy.velocity)
+    base = F.sample(
+        run.transformer.get_base_model(), text, noise, sigmas, timesteps, 3.5, [0.0] * 4, velocity=policy.velocity
+    )
+    loaded = pipe(
+        prompt="a cat",
+        height=cfg.resolution,
+        width=cfg.resolution,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        latents=rearrange(noise, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2),
+        output_type="latent",
+        max_sequence_length=128,
+    ).images
+    loaded = pipe._unpack_latents(loaded, cfg.resolution, cfg.resolution, pipe.vae_scale_factor)
+    torch.testing.assert_close(loaded, ours.latents[:, -1], rtol=1e-4, atol=1e-5)
+    assert (ours.latents[:, -1] - base.latents[:, -1]).abs().max() > 1e-4  # the LoRA matters
