@@ -2698,6 +2698,8 @@ def compare_lora(
 
     cfg = read_run_config(run)
     resolve_model(cfg.model)
+    if cfg.model == "tiny-flux":  # the drawing below is SD3's (encode_prompts, CFG)
+        raise UsageError(f"{run} is a FLUX run: --compare draws SD3 runs only, for now")
     lora = compared_lora_folder(run, checkpoint)
     if not math.isfinite(scale):
         raise UsageError(f"--scale {scale}: use a finite number (1: the LoRA as trained, 0: the base model)")

@@ -4647,3 +4647,11 @@ def test_flux_lora_loads_in_flux_pipeline_and_reproduces_the_ema_model(flux_trai
     loaded = pipe._unpack_latents(loaded, cfg.resolution, cfg.resolution, pipe.vae_scale_factor)
     torch.testing.assert_close(loaded, ours.latents[:, -1], rtol=1e-4, atol=1e-5)
     assert (ours.latents[:, -1] - base.latents[:, -1]).abs().max() > 1e-4  # the LoRA matters
+
+
+def test_compare_refuses_a_flux_run_in_one_line(flux_trained):
+    """--compare draws with SD3's pieces: on a FLUX run it stops with one line, writing nothing."""
+    _, cfg = flux_trained
+    code, errors = run_cli(["--compare", cfg.out])
+    assert code == 2 and len(errors) == 1 and "is a FLUX run: --compare draws SD3 runs only" in errors[0], errors
+    assert not os.path.exists(f"{cfg.out}/compare.png")
