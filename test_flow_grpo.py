@@ -4655,3 +4655,24 @@ def test_compare_refuses_a_flux_run_in_one_line(flux_trained):
     code, errors = run_cli(["--compare", cfg.out])
     assert code == 2 and len(errors) == 1 and "is a FLUX run: --compare draws SD3 runs only" in errors[0], errors
     assert not os.path.exists(f"{cfg.out}/compare.png")
+
+
+def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
+    """Issue 21 is open: --model tiny-flux runs what the FLUX tests above cover, and each other path is one line
+    (exit 2 through main) rather than an untested guess."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    cases = [
+        (dict(compile=True), F.Distributed(0, 1, cpu), "--compile"),
+        (dict(gradient_checkpointing=True), F.Distributed(0, 1, cpu), "--gradient-checkpointing"),
+        (dict(precompute_text_embeds=True), F.Distributed(0, 1, cpu), "--precompute-text-embeds"),
+        (dict(resume=True), F.Distributed(0, 1, cpu), "--resume"),
+        (dict(dtype="bf16"), F.Distributed(0, 1, cpu), "--dtype bf16"),
+        (dict(), F.Distributed(0, 1, gpu), "--dtype bf16"),  # auto is bf16 on a GPU
+        (dict(batch_size=2), F.Distributed(0, 2, cpu), "2 processes"),
+    ]
+    for overrides, dist, what in cases:
+        cfg = tiny_config("unused", model="tiny-flux", **overrides)
+        with pytest.raises(F.UsageError, match=f"^{what} is not yet tested with FLUX"):
+            F.check_config(cfg, dist)
+    F.check_config(tiny_config("unused", model="tiny-flux"), F.Distributed(0, 1, cpu))  # what the tests run
+    F.check_config(tiny_config("unused", compile=True, resume=True, batch_size=2), F.Distributed(0, 2, cpu))  # SD3
