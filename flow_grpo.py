@@ -3082,18 +3082,57 @@ def cast_as_loaded(pipe, dtype: torch.dtype):
     return pipe
 
 
+def tiny_vae(shift_factor: float, scaling_factor: float):
+    """A 16-channel VAE of 3 blocks (4x down-scaling, not the real 8x: with four random up-blocks the decoded texture
+    hardly depends on the latents, and no image reward could be learned on a tiny model), with the family's scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(8, 8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=shift_factor,
+        scaling_factor=scaling_factor,
+    )
+
+
+def tiny_t5(tokenizer):
+    """A one-layer T5 encoder of width 64 for the tiny T5 tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=64,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
 def build_tiny_pipeline(seed: int = 0):
     """A randomly initialised SD3.5-shaped pipeline small enough for a CPU (about 0.2 M parameters):
     MMDiT with a dual-attention layer and RMS qk-norm as SD3.5, a 4x VAE, two CLIPs and a T5.
     Images of 32 to 128 px (8x8 to 32x32 latents)."""
 
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
@@ -3114,36 +3153,8 @@ def build_tiny_pipeline(seed: int = 0):
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    # 4x down-scaling (3 blocks), not SD3's 8x: with four random up-blocks the decoded texture hardly
-    # depends on the latents, and no image reward could be learned on this model.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5305,
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=64,
-            d_kv=16,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    vae = tiny_vae(shift_factor=0.0609, scaling_factor=1.5305)  # SD3's
+    t5 = tiny_t5(t5_tokenizer)
     for module in (transformer, vae, t5):
         module.eval()  # as from_pretrained leaves them: T5's dropout would make the text embeddings random
     return StableDiffusion3Pipeline(
@@ -3165,8 +3176,8 @@ def build_tiny_flux_pipeline(seed: int = 0):
     FLUX's scaling and shift factors (4x down-scaling, as the tiny SD3, so an image reward can be learned); CLIP
     (pooled) and T5 with the tokenizers built here; FLUX.1-dev's scheduler (resolution-dependent shift)."""
 
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
@@ -3184,34 +3195,8 @@ def build_tiny_flux_pipeline(seed: int = 0):
         guidance_embeds=True,
         axes_dims_rope=(4, 2, 2),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=16,
-        block_out_channels=(8, 8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=4,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.1159,
-        scaling_factor=0.3611,
-    )
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tokenizer),
-            d_model=64,
-            d_kv=16,
-            d_ff=64,
-            num_layers=1,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's
+    t5 = tiny_t5(t5_tokenizer)
     scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
         shift=3.0,
         use_dynamic_shifting=True,
