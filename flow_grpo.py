@@ -610,11 +610,6 @@ def sample(
     return rollout(velocity_at, latents.float(), sigmas, noise_levels, step_fn, generator)
 
 
-def latent_shape(pipe, cfg: Config):
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return (pipe.transformer.config.in_channels, cfg.resolution // scale, cfg.resolution // scale)
-
-
 def decode_images(pipe, latents):
     """Final latents -> list of PIL images (uint8: round(255 x), clamped), as the reward models take them."""
     from PIL import Image
@@ -2747,7 +2742,7 @@ def compare_lora(
     batches = range(0, count, cfg.batch_size)
     texts = [encode_prompts(pipe, prompts[i : i + cfg.batch_size], 1, cfg.guidance_scale, device) for i in batches]
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # the prompts are encoded: free their memory
-    noise = compare_noise(count, latent_shape(pipe, cfg), seed)
+    noise = compare_noise(count, model_policy(pipe, cfg.resolution).latent_shape(), seed)
     sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, device)
 
     def draw():

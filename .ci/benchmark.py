@@ -573,7 +573,7 @@ def measure_flops(run, cfg, device):
     pipe, transformer = run.pipe, run.transformer
     prompts = fg.BUILTIN_PROMPTS[: cfg.batch_size // cfg.group_size]
     sigmas, timesteps = fg.schedule(pipe, cfg.num_steps, device)
-    x = torch.randn(cfg.batch_size, *fg.latent_shape(pipe, cfg), device=device)
+    x = torch.randn(cfg.batch_size, *fg.model_policy(pipe, cfg.resolution).latent_shape(), device=device)
     out = {}
     for guidance in (4.5, 1.0):
         text_for = fg.text_encoder_for(
@@ -603,7 +603,7 @@ def transformer_flops(pipe, cfg):
     transformer, _ = fg.add_lora(pipe.transformer, cfg)
     weight = transformer.get_base_model().pos_embed.proj.weight
     like = {"device": weight.device, "dtype": weight.dtype}
-    x = torch.randn(1, *fg.latent_shape(pipe, cfg), **like)
+    x = torch.randn(1, *fg.model_policy(pipe, cfg.resolution).latent_shape(), **like)
     text = fg.TextEmbeddings(
         torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, **like),
         torch.randn(1, config.pooled_projection_dim, **like),
