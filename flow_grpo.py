@@ -374,12 +374,12 @@ def config_field(default, help, choices=None, repeatable=False):
 @dataclass
 class Config:
     """Every field is a CLI flag (--group-size 8). Defaults: the official SD3.5-M PickScore recipe
-    adapted to one GPU (README maps them to the official 32-GPU numbers)."""
+    adapted to one GPU (README maps them to the official 32-GPU numbers); FLUX_RECIPE's for a FLUX model."""
 
     model: str = config_field(
         "sd3.5-medium",
-        "alias (sd3.5-medium, sd3.5-large, sd3-medium), hub id, local diffusers folder, or 'tiny' / 'tiny-flux' "
-        "(random CPU models)",
+        "alias (sd3.5-medium, sd3.5-large, sd3-medium, flux.1-dev), hub id, local diffusers folder (SD3 or FLUX), "
+        "or 'tiny' / 'tiny-flux' (random CPU models); a FLUX model takes FLUX_RECIPE's defaults",
     )
     reward: str = config_field("pickscore", "reward name, weighted mix 'pickscore=1,aesthetic=0.2', or module:function")
     eval_reward: str = config_field(
@@ -484,6 +484,12 @@ class Config:
     compile: bool = config_field(False, "torch.compile each transformer block (compiled in the first step)")
 
 
+# The official FLUX.1-dev recipe (ltt0716 fork f9a5c45: config/grpo.py, pickscore_flux(); scripts/train_flux.py, main(),
+# the LoRA): the defaults of these flags when --model is FLUX (is_flux). A flag given on the command line wins.
+FLUX_RECIPE = dict(num_steps=6, eval_num_steps=28, guidance_scale=3.5, noise_level=0.9, beta=0.0, resolution=512)
+FLUX_RECIPE.update(lora_rank=64, lora_alpha=128)
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. The policy: SD3.5 + LoRA (text, guided velocity, rollout, decode)
 # Heavy libraries are imported inside the functions that need them: `import flow_grpo` and the toy cost only torch.
@@ -496,7 +502,8 @@ LORA_TARGETS += ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.
 
 
 def load_pipeline(model: str, dtype: torch.dtype):
-    """SD3 pipeline from an alias, a hub id, a local diffusers folder or 'tiny', its models in dtype but the VAE,
+    """SD3 or FLUX pipeline (is_flux) from an alias, a hub id, a local diffusers folder or 'tiny' / 'tiny-flux', its
+    models in dtype but the VAE,
     loaded in fp32: it decodes in fp32 as the official `scripts/train_sd3.py`, main(), does, and a VAE loaded in
     bf16 and then cast up would decode with rounded weights. Under fp16 transformers keeps T5's `wo` in fp32
     (T5EncoderModel._keep_in_fp32_modules); the official code casts it to fp16 with `.to()` and relies on T5's
@@ -505,12 +512,13 @@ def load_pipeline(model: str, dtype: torch.dtype):
         return cast_as_loaded(build_tiny_pipeline(), dtype)
     if model == "tiny-flux":
         return cast_as_loaded(build_tiny_flux_pipeline(), dtype)
-    from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusion3Pipeline
 
+    pipeline_class = FluxPipeline if is_flux(model) else StableDiffusion3Pipeline
     model = resolve_model(model)
     try:
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=torch.float32)
-        return StableDiffusion3Pipeline.from_pretrained(model, vae=vae, dtype=dtype)
+        return pipeline_class.from_pretrained(model, vae=vae, dtype=dtype)
     except OSError as error:
         if os.path.isdir(model):
             raise UsageError(f"could not load {model} ({str(error).splitlines()[0][:120]})") from None
@@ -1407,7 +1415,7 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError("--ratio-norm is defined for --sde-type sde only (as in the official GRPO-Guard script)")
     if cfg.dtype not in choices_of("dtype"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
-    if cfg.model == "tiny-flux":  # FLUX offers what its tests cover so far (issue 21): the rest is refused, not guessed
+    if is_flux(cfg.model):  # FLUX offers what its tests cover so far (issue 21): the rest is refused, not guessed
         dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if dist.device.type == "cuda" else "fp32"
         untested = {
             "--compile": cfg.compile,
@@ -1430,7 +1438,26 @@ MODEL_ALIASES = {
     "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
     "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "flux.1-dev": "black-forest-labs/FLUX.1-dev",
 }
+PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")  # what a local folder's model_index.json may name
+
+
+def folder_pipeline_class(folder: str) -> str:
+    """The pipeline class a diffusers folder's model_index.json names ('' if none can be read)."""
+    try:
+        with open(os.path.join(folder, "model_index.json")) as index:
+            return str(json.load(index).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def is_flux(model: str) -> bool:
+    """Whether --model is a FLUX.1 model, told before loading it: tiny-flux, a folder whose model_index.json names
+    FluxPipeline, or an alias or hub id whose name says FLUX (as every black-forest-labs FLUX.1 repository's does)."""
+    if os.path.isdir(model):
+        return folder_pipeline_class(model) == "FluxPipeline"
+    return "flux" in MODEL_ALIASES.get(model, model).lower()
 
 
 def resolve_model(model: str) -> str:
@@ -1439,10 +1466,10 @@ def resolve_model(model: str) -> str:
     if model in ("tiny", "tiny-flux"):
         return model
     if os.path.isdir(model):
-        index = os.path.join(model, "model_index.json")
-        if not os.path.isfile(index) or "StableDiffusion3" not in open(index).read():
+        if folder_pipeline_class(model) not in PIPELINE_CLASSES:
             raise UsageError(
-                f"{model} is not a diffusers SD3 pipeline folder (no model_index.json naming StableDiffusion3Pipeline)"
+                f"{model} is not a diffusers SD3 or FLUX pipeline folder (no model_index.json naming "
+                f"{' or '.join(PIPELINE_CLASSES)})"
             )
         return model
     if model in MODEL_ALIASES:
@@ -3249,8 +3276,14 @@ RECIPES = """recipes (SD3.5-M, PickScore, the official prompt set; README "Train
     torchrun --nproc_per_node=8 flow_grpo.py --model sd3.5-medium --reward pickscore --prompts pickscore_train.txt \\
       --eval-prompts pickscore_test.txt --group-size 24 --groups-per-step 48 --out runs/ps_8x80gb
 
+FLUX.1 (--model flux.1-dev, tiny-flux, or a FLUX folder or hub id) takes the official FLUX recipe as the defaults of
+the flags not given: {flux}.
+
 python flow_grpo.py --plot RUN [RUN ...] draws the curves of finished runs (see --plot --help);
 python flow_grpo.py --compare RUN draws a run's LoRA next to the base model (see --compare --help)"""
+RECIPES = RECIPES.replace(
+    "{flux}", " ".join(f"--{name.replace('_', '-')} {value:g}" for name, value in FLUX_RECIPE.items())
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -3294,7 +3327,12 @@ def parse_config(argv=None, config_class=None, description=None, epilog=None):
             shown = "%(default)s"
         # Set after add_argument: some Pythons' BooleanOptionalAction append a default of their own to the help.
         action.help = help if "default:" in help else f"{help} (default: {shown})"
-    return config_class(**vars(parser.parse_args(argv)))
+    args = vars(parser.parse_args(argv))
+    if config_class is Config and is_flux(args["model"]):  # the official FLUX recipe, for the flags not given
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS if action.dest in FLUX_RECIPE else action.default
+        args = {**FLUX_RECIPE, **vars(parser.parse_args(argv))}
+    return config_class(**args)
 
 
 def rerun_command(argv=None, resume: bool = True) -> str:

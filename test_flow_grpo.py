@@ -2411,12 +2411,12 @@ def bad_input_cases(tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\xfa")
     (tmp_path / "not_a_model").mkdir()
-    (tmp_path / "not_a_model" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "not_a_model" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
     (tmp_path / "a_file").write_text("x")
     return {
         "unknown alias": (["--model", "sd9-huge"], "unknown model 'sd9-huge'", "sd3.5-medium"),
         "hub out of reach": (["--model", "nobody/no-such-model"], "or pass a local folder with --model PATH", None),
-        "not an SD3 folder": (["--model", str(tmp_path / "not_a_model")], "is not a diffusers SD3 pipeline", None),
+        "not an SD3 folder": (["--model", str(tmp_path / "not_a_model")], "is not a diffusers SD3 or FLUX", None),
         "missing prompt file": (["--prompts", str(tmp_path / "nope.txt")], "cannot read prompt file", None),
         "unreadable prompt file": (["--prompts", str(tmp_path / "binary.txt")], "cannot read prompt file", None),
         "empty prompt file": (["--eval-prompts", str(tmp_path / "empty.txt")], "has no prompts", None),
@@ -4676,3 +4676,76 @@ def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
             F.check_config(cfg, dist)
     F.check_config(tiny_config("unused", model="tiny-flux"), F.Distributed(0, 1, cpu))  # what the tests run
     F.check_config(tiny_config("unused", compile=True, resume=True, batch_size=2), F.Distributed(0, 2, cpu))  # SD3
+
+
+# FLUX.1-dev by name: the alias, a local FLUX folder, the official FLUX recipe as the defaults (issue 21)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_flux_model_takes_the_official_flux_recipe_for_the_flags_not_given(tiny_flux, tmp_path):
+    """The official FLUX.1-dev recipe (ltt0716 fork f9a5c45, config/grpo.py, pickscore_flux(): 6 rollout and 28
+    evaluation steps, guidance 3.5, noise level 0.9, beta 0, 512 px; scripts/train_flux.py, main(): LoRA r 64,
+    alpha 128) is the default of those flags for every FLUX model (the alias, a hub id that names FLUX, a local
+    FLUX folder, tiny-flux); each flag given, in any spelling argparse takes, wins; SD3 keeps Config's defaults."""
+    official = dict(num_steps=6, eval_num_steps=28, guidance_scale=3.5, noise_level=0.9, beta=0.0, resolution=512)
+    official.update(lora_rank=64, lora_alpha=128)
+    tiny_flux.save_pretrained(tmp_path / "flux")
+    defaults = F.Config()
+    for model in ("flux.1-dev", "black-forest-labs/FLUX.1-dev", "tiny-flux", str(tmp_path / "flux")):
+        cfg = F.parse_config(["--model", model])
+        assert {name: getattr(cfg, name) for name in official} == official, model
+        assert cfg.group_size == defaults.group_size and cfg.lr == defaults.lr  # outside the recipe: Config's
+        given = F.parse_config(["--model", model, "--num-steps", "9", "--beta=0.02", "--lora-r", "8", "--reso", "256"])
+        assert (given.num_steps, given.beta, given.lora_rank, given.resolution) == (9, 0.02, 8, 256), model
+        assert (given.eval_num_steps, given.lora_alpha) == (28, 128)
+    for model in ("sd3.5-medium", "stabilityai/stable-diffusion-3.5-large", "tiny"):
+        cfg = F.parse_config(["--model", model])
+        assert {name: getattr(cfg, name) for name in official} == {name: getattr(defaults, name) for name in official}
+    assert F.resolve_model("flux.1-dev") == "black-forest-labs/FLUX.1-dev"
+    assert "--num-steps 6 --eval-num-steps 28 --guidance-scale 3.5 --noise-level 0.9 --beta 0" in F.RECIPES
+
+
+def test_a_local_flux_folder_loads_as_flux_with_the_vae_in_fp32(tiny_flux, tmp_path):
+    """load_pipeline on a saved FLUX folder: a FluxPipeline (FluxPolicy drives it) whose transformer holds the saved
+    weights in the base dtype, the VAE the saved fp32 weights bit for bit (as for SD3), T5's `wo` in fp32 under fp16
+    only; a folder naming another pipeline class is refused in one line."""
+    tiny_flux.save_pretrained(tmp_path / "flux")
+    saved_vae = dict(tiny_flux.vae.named_parameters())
+    saved = dict(tiny_flux.transformer.named_parameters())
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        pipe = F.load_pipeline(str(tmp_path / "flux"), dtype)
+        assert type(pipe).__name__ == "FluxPipeline" and isinstance(F.model_policy(pipe, 64), F.FluxPolicy)
+        assert all(torch.equal(p, saved_vae[name]) for name, p in pipe.vae.named_parameters())
+        assert all(torch.equal(p, saved[name].to(dtype)) for name, p in pipe.transformer.named_parameters())
+        assert pipe.transformer.dtype == pipe.text_encoder.dtype == dtype
+        wo = {m.weight.dtype for name, m in pipe.text_encoder_2.named_modules() if name.endswith(".wo")}
+        assert wo == {torch.float32 if dtype == torch.float16 else dtype}, dtype
+    (tmp_path / "sdxl").mkdir()
+    (tmp_path / "sdxl" / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    with pytest.raises(F.UsageError, match="is not a diffusers SD3 or FLUX pipeline folder"):
+        F.load_pipeline(str(tmp_path / "sdxl"), torch.float32)
+    assert not F.is_flux(str(tmp_path / "sdxl")) and F.is_flux(str(tmp_path / "flux"))
+
+
+def test_a_run_from_a_local_flux_folder_trains_flux_with_the_recipe(tiny_flux, tmp_path):
+    """`python flow_grpo.py --model FOLDER` on a saved FLUX: the run is FLUX's (the official targets train, on
+    policy) with the recipe's evaluation steps, guidance, noise level, beta and LoRA written to its config.json."""
+    import json as json_module
+
+    tiny_flux.save_pretrained(tmp_path / "flux")
+    (tmp_path / "eval.txt").write_text("a red apple\n")
+    flags = ["--reward", "jpeg_compressibility", "--resolution", "32", "--group-size", "4", "--groups-per-step", "2"]
+    flags += ["--batch-size", "4", "--num-steps", "4", "--max-steps", "1", "--eval-prompts", str(tmp_path / "eval.txt")]
+    code, errors = run_cli(["--model", str(tmp_path / "flux"), *flags, "--out", str(tmp_path / "out")])
+    assert code == 0, errors
+    saved = json_module.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: saved[k] for k in ("eval_num_steps", "guidance_scale", "noise_level", "beta", "lora_rank")} == dict(
+        eval_num_steps=28, guidance_scale=3.5, noise_level=0.9, beta=0.0, lora_rank=64
+    )
+    assert (saved["num_steps"], saved["resolution"]) == (4, 32)  # given on the command line
+    (record,) = read_metrics(tmp_path / "out")
+    assert record["first_ratio_error"] == 0
+    from safetensors.torch import load_file
+
+    lora = load_file(str(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors"))
+    assert any(".ff.net.0.proj." in name for name in lora) and any("single_transformer_blocks" in name for name in lora)
