@@ -415,7 +415,9 @@ class Config:
     resolution: int = config_field(512, "image side in pixels")
     num_steps: int = config_field(10, "denoising steps of a training rollout (denoising reduction: 10, not 40)")
     eval_num_steps: int = config_field(40, "denoising steps of the evaluation ODE")
-    guidance_scale: float = config_field(4.5, "classifier-free guidance in rollout, training and eval; 1 turns CFG off")
+    guidance_scale: float = config_field(
+        4.5, "classifier-free guidance in rollout, training and eval; 1 turns CFG off (FLUX: the guidance embedding's)"
+    )
     sde_type: str = config_field(
         "sde", "sde (Flow-GRPO, Eq. 9) or cps (coefficients-preserving sampling)", choices=("sde", "cps")
     )
@@ -1030,10 +1032,11 @@ class FluxPolicy(SD3Policy):
         rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
         image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(x.device)
         dtype = text.embeds.dtype
+        guided = self.pipe.transformer.config.guidance_embeds  # FLUX.1-dev's; FLUX.1-schnell has no guidance input
         v = transformer(
             hidden_states=tokens.to(dtype),
             timestep=timestep.expand(batch).to(dtype) / 1000,
-            guidance=torch.full((batch,), guidance_scale, device=x.device, dtype=torch.float32),
+            guidance=torch.full((batch,), guidance_scale, device=x.device, dtype=torch.float32) if guided else None,
             pooled_projections=text.pooled,
             encoder_hidden_states=text.embeds,
             txt_ids=torch.zeros(text.embeds.shape[1], 3, device=x.device, dtype=dtype),
@@ -3192,7 +3195,7 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
-def build_tiny_flux_pipeline(seed: int = 0):
+def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """A randomly initialised FLUX.1-dev-shaped pipeline for a CPU: a FluxTransformer2DModel with one double-stream
     and one single-stream block, the guidance embedding and 3-axis rotary position ids; a 16-channel VAE with
     FLUX's scaling and shift factors (4x down-scaling, as the tiny SD3, so an image reward can be learned); CLIP
@@ -3214,7 +3217,7 @@ def build_tiny_flux_pipeline(seed: int = 0):
         num_attention_heads=2,
         joint_attention_dim=64,  # T5's width
         pooled_projection_dim=32,  # CLIP's width
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,  # FLUX.1-dev's (guidance-distilled); False: FLUX.1-schnell's
         axes_dims_rope=(4, 2, 2),
     )
     vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's

@@ -4551,11 +4551,13 @@ def test_flux_rollout_at_noise_level_0_is_flux_pipelines_sample(tiny_flux):
     """At noise level 0 the rollout through the seam (FluxPolicy's text, schedule and velocity in flow_grpo.sample)
     is FluxPipeline's own sample from the same noise: the same packing and position ids, the guidance embedding,
     the resolution-dependent shift (mu from the token count), the timestep / 1000. 64 px is 256 tokens of 2x2
-    latent patches, 48 px 144: two different shifts."""
+    latent patches, 48 px 144: two different shifts. A FLUX without the guidance embedding (FLUX.1-schnell's shape)
+    gets no guidance input, as in the pipeline."""
     from einops import rearrange
 
     prompts = ["a photo of a cat", "a dog on the grass"]
-    for resolution, steps in ((64, 4), (48, 3)):
+    schnell = F.build_tiny_flux_pipeline(guidance_embeds=False)
+    for tiny_flux, resolution, steps in ((tiny_flux, 64, 4), (tiny_flux, 48, 3), (schnell, 32, 2)):
         policy = F.model_policy(tiny_flux, resolution)
         assert isinstance(policy, F.FluxPolicy) and not policy.uses_cfg
         noise = torch.randn(2, *policy.latent_shape(), generator=torch.Generator().manual_seed(resolution))
