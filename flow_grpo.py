@@ -1422,8 +1422,6 @@ def check_config(cfg: Config, dist: Distributed):
         dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if dist.device.type == "cuda" else "fp32"
         untested = {
             "--compile": cfg.compile,
-            "--gradient-checkpointing": cfg.gradient_checkpointing,
-            "--precompute-text-embeds": cfg.precompute_text_embeds,
             "--resume": cfg.resume,
             f"--dtype {dtype}": dtype != "fp32",
             f"{dist.world} processes": dist.world > 1,
@@ -1943,7 +1941,14 @@ def prompts_drawn(cfg: Config, prompts) -> list:
 def encode_prompts(pipe, prompts, group_size: int, guidance_scale: float, device) -> TextEmbeddings:
     """CLIP-L + CLIP-G + T5 (128 tokens) embeddings, each prompt repeated group_size times; with CFG
     the embeddings of the negative prompt "" come first. What StableDiffusion3Pipeline itself does
-    (it encodes "" once per prompt): the reference that text_encoder_for's functions are tested against."""
+    (it encodes "" once per prompt), or FluxPipeline (CLIP-L pooled + T5, no negative whatever the guidance
+    scale: FLUX's is an input of the network): the reference that text_encoder_for's functions are tested against."""
+    if not model_policy(pipe).uses_cfg:
+        with torch.no_grad():
+            embeds, pooled, _ = pipe.encode_prompt(
+                prompts, prompts, device=device, num_images_per_prompt=group_size, max_sequence_length=128
+            )
+        return TextEmbeddings(embeds, pooled)
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
             prompts,

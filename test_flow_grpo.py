@@ -2105,7 +2105,7 @@ MIXED_BATCH = [F.BUILTIN_PROMPTS[i] for i in (0, 0, 2, 0, 4)]  # one batch, thre
 def reference_text(pipe, per_image_prompts, guidance_scale):
     """What the pipeline encodes for these images, one encode_prompts call per image, parts in CFG order."""
     parts = [F.encode_prompts(pipe, [p], 1, guidance_scale, "cpu") for p in per_image_prompts]
-    if guidance_scale <= 1:
+    if guidance_scale <= 1 or not F.model_policy(pipe).uses_cfg:  # FLUX: no negative
         return F.TextEmbeddings(torch.cat([t.embeds for t in parts]), torch.cat([t.pooled for t in parts]))
     return F.TextEmbeddings(
         torch.cat([t.embeds[:1] for t in parts] + [t.embeds[1:] for t in parts]),
@@ -2113,30 +2113,40 @@ def reference_text(pipe, per_image_prompts, guidance_scale):
     )
 
 
+# The pipeline used as the reference, and the text tokens of each image: SD3's CLIP (77) and T5 (128), FLUX's T5 alone
+TEXT_MODELS = {"tiny": ("tiny_pipe", 77 + 128), "tiny-flux": ("tiny_flux", 128)}
+
+
 @pytest.mark.parametrize("precompute", [False, True])
-@pytest.mark.parametrize("guidance_scale", [4.5, 1.0])
-def test_text_for_a_per_image_list_equals_encode_prompts(tiny_pipe, tmp_path, precompute, guidance_scale):
-    cfg = tiny_config(tmp_path, precompute_text_embeds=precompute, guidance_scale=guidance_scale)
-    text_for = F.text_encoder_for(F.build_tiny_pipeline(), cfg, F.BUILTIN_PROMPTS[:6], "cpu")
-    ours, expected = text_for(MIXED_BATCH), reference_text(tiny_pipe, MIXED_BATCH, guidance_scale)
-    assert ours.embeds.shape == expected.embeds.shape == ((10 if guidance_scale > 1 else 5), 77 + 128, 64)
+@pytest.mark.parametrize("model, guidance_scale", [("tiny", 4.5), ("tiny", 1.0), ("tiny-flux", 3.5)])
+def test_text_for_a_per_image_list_equals_encode_prompts(request, tmp_path, precompute, model, guidance_scale):
+    # FLUX at guidance 3.5: one row per image, no negative (its guidance is an input of the network, not CFG).
+    fixture, tokens = TEXT_MODELS[model]
+    cfg = tiny_config(tmp_path, model=model, precompute_text_embeds=precompute, guidance_scale=guidance_scale)
+    text_for = F.text_encoder_for(F.load_pipeline(model, torch.float32), cfg, F.BUILTIN_PROMPTS[:6], "cpu")
+    pipe = request.getfixturevalue(fixture)
+    ours, expected = text_for(MIXED_BATCH), reference_text(pipe, MIXED_BATCH, guidance_scale)
+    rows = 10 if model == "tiny" and guidance_scale > 1 else 5
+    assert ours.embeds.shape == expected.embeds.shape == (rows, tokens, 64)
     assert torch.equal(ours.embeds, expected.embeds)
-    # CLIP's pooled projection is a small matmul whose CPU kernel, hence last bit, depends on the batch size.
-    torch.testing.assert_close(ours.pooled, expected.pooled, rtol=0, atol=1e-6)
+    # CLIP's pooled projection is a small matmul whose CPU kernel, hence last bit, depends on the batch size;
+    # FLUX pools CLIP-L without a projection: the same bits.
+    torch.testing.assert_close(ours.pooled, expected.pooled, rtol=0, atol=1e-6 if model == "tiny" else 0)
     # (prompts, repeats) is the per-image list with each prompt repeated: the rollout's group call.
     grouped, listed = text_for(F.BUILTIN_PROMPTS[1:3], 3), text_for(F.per_image(F.BUILTIN_PROMPTS[1:3], 3))
     assert torch.equal(grouped.embeds, listed.embeds) and torch.equal(grouped.pooled, listed.pooled)
 
 
 def count_t5_batches(pipe):
-    """Record the batch size of every T5 forward (one per encode of a list of prompts)."""
-    sizes, forward = [], pipe.text_encoder_3.forward
+    """Record the batch size of every T5 forward (one per encode of a list of prompts), SD3's or FLUX's T5."""
+    t5 = F.text_encoders(pipe)[-1]
+    sizes, forward = [], t5.forward
 
     def counting(input_ids=None, **kwargs):
         sizes.append(len(input_ids))
         return forward(input_ids=input_ids, **kwargs)
 
-    pipe.text_encoder_3.forward = counting
+    t5.forward = counting
     return sizes
 
 
@@ -4180,32 +4190,36 @@ def test_benchmark_help_gives_its_whole_first_paragraph():
     assert whole in text
 
 
-def test_text_cache_grows_by_the_prompts_it_lacks_and_its_rows_equal_live_encoding(tmp_path):
-    cfg = tiny_config(tmp_path, precompute_text_embeds=True)
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_text_cache_grows_by_the_prompts_it_lacks_and_its_rows_equal_live_encoding(tmp_path, model):
+    cfg = tiny_config(tmp_path, model=model, precompute_text_embeds=True)  # guidance 4.5: CFG for SD3, none for FLUX
     first = [f"a red cube number {i}" for i in range(40)]
     second = first[:10] + [f"a blue sphere number {i}" for i in range(30)]
-    pipe = F.build_tiny_pipeline()
+    pipe = F.load_pipeline(model, torch.float32)
     sizes = count_t5_batches(pipe)
     F.text_encoder_for(pipe, cfg, first, "cpu")
     assert sizes == [1, 32, 32]  # "" alone, then 40 prompts in chunks of 32 (the last padded with "")
+    # Bytes of a row: SD3's CLIP + T5 tokens x 64 and a pooled 64 (two CLIPs); FLUX's T5 tokens x 64, CLIP-L's 32.
+    row = {"embeds": TEXT_MODELS[model][1] * 64 * 4, "pooled": {"tiny": 64, "tiny-flux": 32}[model] * 4}
     with open(f"{cfg.out}/text_embeds/embeds.bin", "ab") as f:  # 31 rows of a growth killed before its index
-        f.write(b"\xff" * 31 * 205 * 64 * 4)
-    pipe = F.build_tiny_pipeline()
+        f.write(b"\xff" * 31 * row["embeds"])
+    pipe = F.load_pipeline(model, torch.float32)
     sizes = count_t5_batches(pipe)
     text_for = F.text_encoder_for(pipe, cfg, second, "cpu")
     assert sizes == [32]  # the 30 new prompts, nothing it had, padded to a chunk of 32
-    row = {"embeds": 205 * 64 * 4, "pooled": 64 * 4}
     for name, size in row.items():  # "", 40, 30 rows; the killed growth's bytes cut off
         assert os.path.getsize(f"{cfg.out}/text_embeds/{name}.bin") == 71 * size
-    live, cached = F.encode_text(F.build_tiny_pipeline(), second, "cpu"), text_for(second)
-    assert torch.equal(cached.embeds[40:], live.embeds)  # with CFG the 40 copies of "" come first
-    torch.testing.assert_close(
-        cached.pooled[40:], live.pooled, rtol=0, atol=1e-6
-    )  # CLIP's batch-size-dependent last bits
-    pipe = F.build_tiny_pipeline()
+    policy = F.model_policy(F.load_pipeline(model, torch.float32))
+    live, cached = policy.encode_text(second, "cpu"), text_for(second)
+    negatives = len(second) if policy.uses_cfg else 0  # with CFG the 40 copies of "" come first
+    assert cached.embeds.shape[0] == negatives + len(second)
+    assert torch.equal(cached.embeds[negatives:], live.embeds)
+    # SD3: CLIP's batch-size-dependent last bits of the pooled projection; FLUX's pooled CLIP-L has no projection.
+    torch.testing.assert_close(cached.pooled[negatives:], live.pooled, rtol=0, atol=1e-6 if policy.uses_cfg else 0)
+    pipe = F.load_pipeline(model, torch.float32)
     sizes = count_t5_batches(pipe)
     F.text_encoder_for(pipe, cfg, first + second, "cpu")
-    assert sizes == [] and pipe.text_encoder_3 is None  # all held: nothing encoded, the encoders freed
+    assert sizes == [] and F.text_encoders(pipe) == []  # all held: nothing encoded, the encoders freed
 
 
 def test_a_run_draws_the_prompts_of_its_steps_from_the_oldest_checkpoint_on(tmp_path):
@@ -4665,8 +4679,6 @@ def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     cases = [
         (dict(compile=True), F.Distributed(0, 1, cpu), "--compile"),
-        (dict(gradient_checkpointing=True), F.Distributed(0, 1, cpu), "--gradient-checkpointing"),
-        (dict(precompute_text_embeds=True), F.Distributed(0, 1, cpu), "--precompute-text-embeds"),
         (dict(resume=True), F.Distributed(0, 1, cpu), "--resume"),
         (dict(dtype="bf16"), F.Distributed(0, 1, cpu), "--dtype bf16"),
         (dict(), F.Distributed(0, 1, gpu), "--dtype bf16"),  # auto is bf16 on a GPU
@@ -4751,3 +4763,85 @@ def test_a_run_from_a_local_flux_folder_trains_flux_with_the_recipe(tiny_flux, t
 
     lora = load_file(str(tmp_path / "out" / "lora" / "pytorch_lora_weights.safetensors"))
     assert any(".ff.net.0.proj." in name for name in lora) and any("single_transformer_blocks" in name for name in lora)
+
+
+# FLUX (issue 21): the text cache, gradient checkpointing, bf16 LoRA arithmetic and --compare on the tiny FLUX
+# ------------------------------------------------------------------------------------------------
+
+
+def flux_rollout_batch(pipe, transformer, cfg):
+    """(policy, a rollout batch of 4 tiny-FLUX images through FluxPolicy, sigmas, timesteps, advantages)."""
+    policy = F.model_policy(pipe, cfg.resolution)
+    prompts = ["a cat", "a cat", "the dog", "the dog"]
+    text = policy.encode_text(prompts, "cpu")
+    sigmas, timesteps = policy.schedule(cfg.num_steps, "cpu")
+    noise = torch.randn(4, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    levels = [cfg.noise_level] * cfg.num_steps
+    generator = torch.Generator().manual_seed(1)
+    trajectory = F.sample(
+        transformer, text, noise, sigmas, timesteps, cfg.guidance_scale, levels, generator=generator,
+        velocity=policy.velocity,
+    )  # fmt: skip
+    batch = F.RolloutBatch(prompts, text, trajectory, levels, list(range(cfg.num_steps - 1)))
+    return policy, batch, sigmas, timesteps, torch.tensor([0.0, 0.0, 1.5, -0.5])
+
+
+def flux_lora(transformer, cfg, bf16_arithmetic=True):
+    """A copy of the tiny FLUX transformer with the official FLUX LoRA, its B not 0 (so that A has a gradient)."""
+    import copy
+
+    transformer, _ = F.add_lora(copy.deepcopy(transformer), cfg, bf16_arithmetic, targets=F.FLUX_LORA_TARGETS)
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+    return transformer
+
+
+def test_flux_gradient_checkpointing_recomputes_both_block_types_and_keeps_the_lora_gradient(tiny_flux, tmp_path):
+    """--gradient-checkpointing on FLUX (start_run's enable_gradient_checkpointing): the backward of a step loss
+    (policy and reference forwards, beta > 0) runs the double and the single block once more, and the LoRA
+    gradient is the one without checkpointing, bit for bit (the recomputation is the same arithmetic on a CPU)."""
+    cfg = tiny_config(tmp_path, model="tiny-flux", guidance_scale=3.5, beta=0.01)
+    transformer = flux_lora(tiny_flux.transformer, cfg)
+    policy, batch, sigmas, timesteps, advantages = flux_rollout_batch(tiny_flux, transformer, cfg)
+    base = transformer.get_base_model()
+    calls = []
+    for block in (base.transformer_blocks[0], base.single_transformer_blocks[0]):
+        block.register_forward_pre_hook(lambda module, args, kind=type(block).__name__: calls.append(kind))
+    grads, counts = {}, {}
+    for checkpointing in (False, True):
+        base.enable_gradient_checkpointing() if checkpointing else base.disable_gradient_checkpointing()
+        calls.clear()
+        loss, _, ratio = F.step_loss(
+            transformer, batch, 1, advantages, None, sigmas, timesteps, batch.noise_levels, F.sde_step, cfg,
+            policy.velocity,
+        )  # fmt: skip
+        forward = len(calls)
+        grads[checkpointing] = lora_gradient(transformer, loss)
+        counts[checkpointing] = (forward, sorted(calls[forward:]))
+    assert torch.all(ratio == 1)  # on-policy: the rollout's forwards reproduced
+    assert counts == {False: (4, []), True: (4, ["FluxSingleTransformerBlock", "FluxTransformerBlock"])}
+    assert grads[False].abs().max() > 0 and (grads[False] != 0).float().mean() > 0.5
+    assert torch.equal(grads[True], grads[False])
+
+
+def test_flux_run_with_the_text_cache_and_gradient_checkpointing_is_the_live_run(flux_trained, tmp_path):
+    """train() on the tiny FLUX with --precompute-text-embeds --gradient-checkpointing: the cache holds FLUX's rows
+    (T5's 128 tokens, CLIP-L's pooled, and "" as row 0, which no FLUX batch reads), the encoders are freed, the
+    step is on-policy, and the run ends with exactly the LoRA and EMA of the same run with live text and no
+    checkpointing (flux_trained): the cached rows are the live rows' bits, and the recomputation is exact."""
+    live, cfg = flux_trained
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "out"), precompute_text_embeds=True, gradient_checkpointing=True)
+    run = F.train(cfg)
+    (record,) = read_metrics(cfg.out)
+    assert record["first_ratio_error"] == 0.0 and record["optimizer_steps"] == 2
+    assert run.transformer.get_base_model().gradient_checkpointing  # start_run enabled it
+    assert F.text_encoders(run.pipe) == []  # freed once the cache was written
+    index = json.loads((tmp_path / "out" / "text_embeds" / "index.json").read_text())
+    step_0 = F.prompts_for_step(F.BUILTIN_PROMPTS, cfg.groups_per_step, 0, cfg.seed)
+    assert index["prompts"] == list(dict.fromkeys(["", *step_0, "a red apple", "a photo of a cat"]))
+    assert index["shapes"] == {"embeds": [128, 64], "pooled": [32]}
+    assert all(torch.equal(a, b) for a, b in zip(live.params, run.params))
+    assert all(torch.equal(a, b) for a, b in zip(live.ema_params, run.ema_params))
+    assert any(p.abs().sum() > 0 for n, p in run.transformer.named_parameters() if "lora_B" in n)  # it trained
