@@ -1419,11 +1419,14 @@ def check_config(cfg: Config, dist: Distributed):
     if cfg.dtype not in choices_of("dtype"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
     if is_flux(cfg.model):  # FLUX offers what its tests cover so far (issue 21): the rest is refused, not guessed
-        dtype = cfg.dtype if cfg.dtype != "auto" else "bf16" if dist.device.type == "cuda" else "fp32"
+        if cfg.dtype == "fp16":  # (auto is bf16 on a GPU)
+            raise UsageError(
+                "--dtype fp16: FLUX.1's activations exceed fp16's largest value 65504 (diffusers clips two of them "
+                "there, changing the velocity); the official FLUX runs are bf16: use --dtype bf16 or fp32"
+            )
         untested = {
             "--compile": cfg.compile,
             "--resume": cfg.resume,
-            f"--dtype {dtype}": dtype != "fp32",
             f"{dist.world} processes": dist.world > 1,
         }
         for what, asked in untested.items():
