@@ -2735,16 +2735,15 @@ def compare_lora(
     run, checkpoint="", prompts_file="", count=None, seed=0, scale=1.0, reward="", reward_model_dir=None, output=""
 ):
     """python flow_grpo.py --compare RUN: the base model and the run's (EMA) LoRA, each from the same initial noise
-    with the run's evaluation sampler (eval_num_steps ODE steps, a = 0, its CFG), side by side in one PNG with
-    each image's reward, and the mean reward of each printed. The LoRA is loaded the way a user does in plain
-    diffusers (load_lora_weights, set_adapters for the scale): what is compared is what a user gets. Under bf16
-    diffusers applies the LoRA in fp32 where training applied it in bf16 (lora_in_base_dtype)."""
+    with the run's evaluation sampler (eval_num_steps ODE steps, a = 0, its guidance scale) through its model's
+    policy (SD3's or FLUX's), side by side in one PNG with each image's reward, and the mean reward of each
+    printed. The LoRA is loaded the way a user does in plain diffusers (load_lora_weights, set_adapters for the
+    scale): what is compared is what a user gets. Under bf16 diffusers applies the LoRA in fp32 where training
+    applied it in bf16 (lora_in_base_dtype)."""
     import rewards
 
     cfg = read_run_config(run)
     resolve_model(cfg.model)
-    if cfg.model == "tiny-flux":  # the drawing below is SD3's (encode_prompts, CFG)
-        raise UsageError(f"{run} is a FLUX run: --compare draws SD3 runs only, for now")
     lora = compared_lora_folder(run, checkpoint)
     if not math.isfinite(scale):
         raise UsageError(f"--scale {scale}: use a finite number (1: the LoRA as trained, 0: the base model)")
@@ -2780,15 +2779,19 @@ def compare_lora(
     batches = range(0, count, cfg.batch_size)
     texts = [encode_prompts(pipe, prompts[i : i + cfg.batch_size], 1, cfg.guidance_scale, device) for i in batches]
     pipe.text_encoder = pipe.text_encoder_2 = pipe.text_encoder_3 = None  # the prompts are encoded: free their memory
-    noise = compare_noise(count, model_policy(pipe, cfg.resolution).latent_shape(), seed)
-    sigmas, timesteps = schedule(pipe, cfg.eval_num_steps, device)
+    policy = model_policy(pipe, cfg.resolution)  # SD3's or FLUX's text (above), velocity, shapes, schedule, decoder
+    noise = compare_noise(count, policy.latent_shape(), seed)
+    sigmas, timesteps = policy.schedule(cfg.eval_num_steps, device)
 
     def draw():
         images, scores = [], []
         for i, text in zip(batches, texts):
             x = noise[i : i + cfg.batch_size].to(device)
-            out = sample(pipe.transformer, text, x, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps)
-            batch_images = decode_images(pipe, out.latents[:, -1])
+            out = sample(
+                pipe.transformer, text, x, sigmas, timesteps, cfg.guidance_scale, [0.0] * cfg.eval_num_steps,
+                velocity=policy.velocity,
+            )  # fmt: skip
+            batch_images = policy.decode(out.latents[:, -1])
             images += batch_images
             result = score(reward_fn, batch_images, prompts[i : i + cfg.batch_size])
             scores.append(torch.stack([result[name] for name in [*reward_fn.names, "reward"]], dim=1))
@@ -2813,7 +2816,10 @@ def compare_lora(
 
     difference = tuned[:, -1] - base[:, -1]
     spread = f" ± {difference.std() / math.sqrt(count):.2g} (standard error)" if count > 1 else ""
-    print(f"{count} prompts, seed {seed}, {cfg.eval_num_steps}-step ODE, CFG {cfg.guidance_scale}, reward {reward}")
+    guidance = "CFG" if policy.uses_cfg else "guidance"  # FLUX's: the guidance embedding's input
+    print(
+        f"{count} prompts, seed {seed}, {cfg.eval_num_steps}-step ODE, {guidance} {cfg.guidance_scale}, reward {reward}"
+    )
     print(f"base: {means(base)}")
     print(f"LoRA ({lora}, scale {scale:g}): {means(tuned)}")
     print(

@@ -4665,14 +4665,6 @@ def test_flux_lora_loads_in_flux_pipeline_and_reproduces_the_ema_model(flux_trai
     assert (ours.latents[:, -1] - base.latents[:, -1]).abs().max() > 1e-4  # the LoRA matters
 
 
-def test_compare_refuses_a_flux_run_in_one_line(flux_trained):
-    """--compare draws with SD3's pieces: on a FLUX run it stops with one line, writing nothing."""
-    _, cfg = flux_trained
-    code, errors = run_cli(["--compare", cfg.out])
-    assert code == 2 and len(errors) == 1 and "is a FLUX run: --compare draws SD3 runs only" in errors[0], errors
-    assert not os.path.exists(f"{cfg.out}/compare.png")
-
-
 def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
     """Issue 21 is open: --model tiny-flux runs what the FLUX tests above cover, and each other path is one line
     (exit 2 through main) rather than an untested guess."""
@@ -4906,3 +4898,30 @@ def test_flux_offers_its_tested_paths_and_refuses_fp16_for_its_real_reason():
     code, errors = run_cli(TINY_FLAGS[2:] + ["--model", "tiny-flux", "--dtype", "fp16", "--out", "unused"])
     assert code == 2 and len(errors) == 1 and "use --dtype bf16 or fp32" in errors[0], errors
     assert not os.path.exists("unused")
+
+
+def test_compare_draws_a_flux_run_through_its_policy(flux_trained, tmp_path, monkeypatch, capsys):
+    """--compare on a FLUX run: the base model and the EMA LoRA from the same noise through FluxPolicy (CLIP-L + T5
+    text, the guidance embedding, packed latents, the shifted schedule), each equal to the sample drawn with the
+    policy's pieces directly; the printed means are those of the images' rewards."""
+    run, cfg = flux_trained
+    output = tmp_path / "compare.png"
+    decoded, lines = run_compare([cfg.out, "--count", "2", "--output", str(output)], monkeypatch, capsys)
+    ((base, base_images), (lora, lora_images)) = decoded  # one batch each (the run's --batch-size is 4)
+    prompts = ["a red apple", "a photo of a cat"]  # the run's evaluation prompts
+    policy = F.model_policy(F.build_tiny_flux_pipeline(), cfg.resolution)
+    noise = torch.stack([torch.randn(policy.latent_shape(), generator=F.seeded(0, -2, i)) for i in range(2)])
+    sigmas, timesteps = policy.schedule(cfg.eval_num_steps, "cpu")
+    text, ode = policy.encode_text(prompts, "cpu"), [0.0] * cfg.eval_num_steps
+
+    def draw(transformer):
+        return F.sample(transformer, text, noise, sigmas, timesteps, 3.5, ode, velocity=policy.velocity).latents[:, -1]
+
+    torch.testing.assert_close(base, draw(policy.pipe.transformer), rtol=0, atol=0)
+    with F.swap_in(run.params, run.ema_params):
+        ema = draw(run.transformer)
+    torch.testing.assert_close(lora, ema, rtol=1e-4, atol=1e-5)
+    assert base.shape == (2, 16, 8, 8) and (lora - base).abs().max() > 1e-4
+    assert_printed_means(lines, base_images, lora_images, prompts, rewards.load_reward("jpeg_compressibility"))
+    assert lines[0] == "2 prompts, seed 0, 4-step ODE, guidance 3.5, reward jpeg_compressibility"
+    assert lines[-1] == f"wrote {output}" and output.is_file()
