@@ -4925,3 +4925,80 @@ def test_compare_draws_a_flux_run_through_its_policy(flux_trained, tmp_path, mon
     assert_printed_means(lines, base_images, lora_images, prompts, rewards.load_reward("jpeg_compressibility"))
     assert lines[0] == "2 prompts, seed 0, 4-step ODE, guidance 3.5, reward jpeg_compressibility"
     assert lines[-1] == f"wrote {output}" and output.is_file()
+
+
+# ----------------------------------------------------------------------- FLUX.1-dev: benchmark and memory (issue 21)
+
+
+@pytest.fixture(scope="module")
+def flux1_dev_meta(bench_script):
+    return bench_script.build_flux1_dev("meta")
+
+
+def test_benchmark_builds_flux1_dev_and_pickscore_at_the_published_sizes(bench_script, flux1_dev_meta):
+    pickscore, _ = bench_script.build_pickscore("meta")
+    counts = bench_script.parameter_counts(flux1_dev_meta, pickscore)
+    # In billions to the thousandth: FLUX.1-dev's transformer 11,901,408,320 (its "12 B"); T5-XXL's encoder, the VAE
+    # and PickScore as issue 13 measured them for SD3.5; CLIP-L without SD3's 768 x 768 text projection.
+    published = {
+        "transformer": 11.901,
+        "T5-XXL encoder": 4.762,
+        "CLIP-L": 0.123,
+        "VAE": 0.084,
+        "PickScore (CLIP-H)": 0.986,
+    }
+    assert {name: round(n / 1e9, 3) for name, n in counts.items()} == published
+    pipe = flux1_dev_meta
+    assert all(p.is_meta for m in (pipe.transformer, pipe.text_encoder_2, pickscore) for p in m.parameters())
+    assert pipe.transformer.dtype == torch.bfloat16 and pipe.vae.dtype == torch.float32
+    assert (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor) == (0.3611, 0.1159)
+    assert F.model_policy(pipe, 512).latent_shape() == (16, 64, 64)  # 32 x 32 = 1024 packed image tokens
+
+
+def test_benchmark_flux_activations_on_meta_equal_a_real_cpu_forward(bench_script):
+    """The memory arithmetic counts saved tensors on the meta device (free at FLUX.1-dev's width); the same count on
+    real CPU tensors, at a small width, gives the same bytes (the meta device's own attention would save the
+    [heads, tokens, tokens] probabilities, which no fused kernel keeps)."""
+    cfg = F.Config(**F.FLUX_RECIPE, model="flux.1-dev")
+    small = dict(num_attention_heads=2)  # width 256, 1024 + 128 tokens: the attention's shapes as at 512 px
+    meta = bench_script.block_activations(cfg, (16, 64, 64), "meta", small)
+    cpu = bench_script.block_activations(cfg, (16, 64, 64), "cpu", small)
+    # The CPU's LayerNorm keeps its per-token mean and 1/std in bf16, meta (as CUDA) in fp32: 2 bytes per token each.
+    assert meta.keys() == cpu.keys() and all(0 <= meta[k] - cpu[k] <= 4 * 2 * 2 * 1152 for k in meta), (meta, cpu)
+    unit = 1152 * 256 * 2  # one bf16 [tokens, width] tensor
+    # Bounds from the blocks' structure: each keeps attention's q, k, v and output and its MLP's 4x-wide activations
+    # (at least 4 + 8 units); a double block also its second stream's.
+    assert 12 * unit < meta["single"] < meta["double"] < 40 * unit
+
+
+def test_benchmark_flux_memory_table_fits_the_official_batch_on_80gb(bench_script, flux1_dev_meta, capsys):
+    """The dry run's memory table: each peak is the sum of its parts, and the official batch (3 x 512 px) fits one
+    80 GB GPU without any memory flag; the 40gb recipe is under 40 GB."""
+    cfg = F.Config(**F.FLUX_RECIPE, model="flux.1-dev", batch_size=3)
+    lora = 64 * (19 * (8 * 2 * 3072 + 4 * (3072 + 12288)) + 38 * 3 * 2 * 3072)  # r x (in + out) of each target
+    counts = {
+        "transformer": 11.9e9,
+        "T5-XXL encoder": 4.76e9,
+        "CLIP-L": 0.12e9,
+        "VAE": 0.08e9,
+        "PickScore (CLIP-H)": 1e9,
+    }
+    memory = bench_script.flux_memory(flux1_dev_meta, cfg, counts, lora)
+    printed = capsys.readouterr().out
+    assert lora == 179_306_496  # what add_lora trains on FLUX.1-dev (r 64, FLUX_LORA_TARGETS), counted by the dry run
+    kept, peaks = memory["kept"], memory["peaks"]
+    assert memory["per_input"] == 19 * kept["double"] + 38 * kept["single"] + kept["outside"]
+    block_input = 1152 * 3072 * 2
+    assert memory["per_input_checkpointed"] == 57 * block_input + kept["outside"] + kept["double"]
+    weights = 2 * 11.9e9 + 4 * 0.08e9 + 4 * 1e9 + 20 * lora  # bf16 transformer, fp32 VAE and PickScore, LoRA state
+    text = 2 * (4.76e9 + 0.12e9)
+    expected = {
+        "live text": weights + text + 3 * memory["per_input"],
+        "--gradient-checkpointing": weights + text + 3 * memory["per_input_checkpointed"],
+        "--precompute-text-embeds": weights + 3 * memory["per_input"],
+        "both (40gb recipe)": weights + 3 * memory["per_input_checkpointed"],
+    }
+    assert peaks == pytest.approx(expected, rel=1e-12)
+    for name, peak in peaks.items():
+        assert f"{name}" in printed and f" {peak / 1e9:.1f}" in printed
+    assert peaks["live text"] < 80e9 - 5e9 and peaks["both (40gb recipe)"] < 40e9 - 5e9  # context and slack: 1-2 GB

@@ -6,8 +6,12 @@
                                              # a GPU, nothing downloaded: SD3.5-Medium and PickScore built
                                              # at their real sizes with random weights; the README's two
                                              # recipes (default, 24 GB), 512 px, group 8 x 2 prompts
+    python .ci/benchmark.py --model flux.1-dev --random-weights
+                                             # the same for FLUX.1-dev (its official recipe, one group of
+                                             # 24 images in batches of 3): recipes default and 40gb
     python .ci/benchmark.py --dry-run        # any machine: those models on the meta device, their
-                                             # parameter counts and the FLOPs of one step
+                                             # parameter counts and the FLOPs of one step (--model
+                                             # flux.1-dev: also its memory on one 80 GB GPU, computed)
     python .ci/benchmark.py --memory 100,25000
                                              # peak RSS of a run with 100 and with 25,000 prompts
     python .ci/benchmark.py --model sd3.5-medium --precompute-text-embeds --gradient-checkpointing
@@ -36,9 +40,9 @@ seconds per phase and per step, images/s, the transformer's TFLOP/s in the rollo
 bf16 peak, from PEAK_TFLOPS or --peak-tflops), the GPU memory train() logs (peak allocated, peak
 reserved, in use on the device) and the extra time of the first step (compilation, warm-up).
 
---random-weights: the training command keeps `tiny` as its only random model, so a user never trains
-a random SD3.5 by mistake. Here, inside the benchmark process only, flow_grpo.load_pipeline is
-replaced by a builder of SD3.5-Medium from its published configs with random weights, and PickScore
+--random-weights: the training command keeps `tiny` and `tiny-flux` as its only random models, so a user never
+trains a random SD3.5 or FLUX by mistake. Here, inside the benchmark process only, flow_grpo.load_pipeline is
+replaced by a builder of SD3.5-Medium or FLUX.1-dev from its published configs with random weights, and PickScore
 (CLIP-H) is built the same way and saved to a temporary folder passed as --reward-model-dir. Memory
 and speed depend on the shapes, not on the weights.
 A benchmark, not a test: nothing is asserted about timings. On a CUDA device it also prints images/s
@@ -134,10 +138,12 @@ REASONS = {
 }
 REWARD_REASON = "same images, same decode and reward: a short phase, so this is timing noise"
 
-# The README's recipes on one GPU (512 px), on top of flow_grpo's GPU defaults (bf16, T = 10, CFG 4.5).
+# The README's recipes on one GPU (512 px), on top of flow_grpo's GPU defaults (bf16, T = 10, CFG 4.5), or for FLUX
+# of its official recipe. The low-memory flags are named by the card they fit: SD3.5-M 24 GB, FLUX.1-dev 40 GB.
 RECIPES = {
     "default": {"precompute_text_embeds": False, "gradient_checkpointing": False},
     "24gb": {"precompute_text_embeds": True, "gradient_checkpointing": True},
+    "40gb": {"precompute_text_embeds": True, "gradient_checkpointing": True},
 }
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this order on
@@ -242,6 +248,43 @@ PICKSCORE = dict(
 )
 TEXT_TOKENS = 77 + 128  # per transformer input: CLIP padded to 77, T5 to the 128 of flow_grpo.encode_prompts
 
+# FLUX.1-dev as published (black-forest-labs/FLUX.1-dev, a gated repository: read in copies of its files on the hub,
+# each naming FLUX.1-dev in its _name_or_path, most its snapshot 0ef5fff):
+# - transformer/config.json (art42me/flux-dev-fp8-quantized, config.json): FluxTransformer2DModel, 19 double-stream and
+#   38 single-stream blocks, 24 heads of 128 (width 3072), T5 width 4096, CLIP-L pooled 768, guidance embedding,
+#   rotary axes (16, 56, 56); the same 19, 38, 3072 and mlp_ratio 4 in diffusers' scripts/convert_flux_to_diffusers.py,
+#   main();
+# - vae/config.json (magespace/FLUX.1-dev-bnb-nf4): SD3.5's AutoencoderKL layout, FLUX's scale 0.3611 and shift 0.1159;
+# - text_encoder/config.json (magespace/FLUX.1-dev-bnb-8bit): CLIPTextModel with SD3.5's CLIP-L settings;
+# - text_encoder_2/config.json (sitatech/Hyper-FLUX.1-dev-8steps): T5EncoderModel with SD3.5's T5-v1.1-XXL settings;
+# - the scheduler's dynamic shift as flow_grpo.build_tiny_flux_pipeline has it.
+FLUX1_DEV = {
+    "transformer": dict(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x a 2x2 patch
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    "vae": {**SD35_MEDIUM["vae"], "shift_factor": 0.1159, "scaling_factor": 0.3611},
+    "clip_l": SD35_MEDIUM["clip_l"],
+    "t5": SD35_MEDIUM["t5"],
+    "scheduler": dict(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ),
+}
+FLUX_TEXT_TOKENS = 128  # T5 only (CLIP-L gives the pooled vector): the official max_sequence_length
+
 
 @contextlib.contextmanager
 def building_on(device, dtype):
@@ -315,6 +358,45 @@ def build_sd35_medium(device="meta", dtype=torch.bfloat16, park=None):
     )
 
 
+def build_flux1_dev(device="meta", dtype=torch.bfloat16, park=None):
+    """FLUX.1-dev's pipeline at its real size with random weights, built as build_sd35_medium builds SD3.5-Medium
+    (the tiny tokenizers pad every prompt to CLIP's 77 and T5's 128 tokens)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        clip_tokenizer = fg.build_tiny_clip_tokenizer(folder + "/clip")
+        t5_tokenizer = fg.build_tiny_t5_tokenizer(folder + "/t5")
+    with building_on(device, dtype):
+        transformer = as_loaded(FluxTransformer2DModel(**FLUX1_DEV["transformer"]), dtype, park)
+        clip = as_loaded(CLIPTextModel(clip_text_config(FLUX1_DEV["clip_l"], clip_tokenizer)), dtype, park)
+        t5_config = T5Config(**FLUX1_DEV["t5"], pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+        t5 = as_loaded(T5EncoderModel(t5_config), dtype, park)
+    with building_on(device, torch.float32):
+        vae = as_loaded(AutoencoderKL(**FLUX1_DEV["vae"]), torch.float32, park)  # fp32, as load_pipeline
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_DEV["scheduler"]),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+# The models --random-weights and --dry-run build, and the recipes run by default.
+MODELS = {
+    "sd3.5-medium": dict(title="SD3.5-Medium", build=build_sd35_medium, recipes="default,24gb"),
+    "flux.1-dev": dict(title="FLUX.1-dev", build=build_flux1_dev, recipes="default,40gb"),
+}
+
+
+def recipe_of(model):
+    """The training settings a model's benchmark runs start from: FLUX's official recipe, else flow_grpo's defaults."""
+    return dict(fg.FLUX_RECIPE) if model == "flux.1-dev" else {}
+
+
 def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
     """PickScore (CLIP-H/14) at its real size with random weights, and a CLIPProcessor (224 px, tiny tokenizer)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -337,31 +419,34 @@ def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
 
 def parameter_counts(pipe, pickscore):
     """Parameters of each component (buffers such as SD3's 0.226 B position table not counted)."""
-    parts = {
-        "transformer": pipe.transformer,
-        "T5-XXL encoder": pipe.text_encoder_3,
-        "CLIP-bigG": pipe.text_encoder_2,
-        "CLIP-L": pipe.text_encoder,
-        "VAE": pipe.vae,
-        "PickScore (CLIP-H)": pickscore,
-    }
+    if type(pipe).__name__ == "FluxPipeline":
+        parts = {"transformer": pipe.transformer, "T5-XXL encoder": pipe.text_encoder_2, "CLIP-L": pipe.text_encoder}
+    else:
+        parts = {
+            "transformer": pipe.transformer,
+            "T5-XXL encoder": pipe.text_encoder_3,
+            "CLIP-bigG": pipe.text_encoder_2,
+            "CLIP-L": pipe.text_encoder,
+        }
+    parts.update({"VAE": pipe.vae, "PickScore (CLIP-H)": pickscore})
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 
 def use_random_weights(args, device):
-    """--random-weights, in this process only (flow_grpo's CLI has no random SD3.5): flow_grpo.load_pipeline builds
-    SD3.5-Medium on `device` and parks it on the CPU; PickScore is built the same way and saved to a temporary folder
-    passed as --reward-model-dir (rewards.py loads it as it would the real one). Returns that folder ('' if none)."""
+    """--random-weights, in this process only (flow_grpo's CLI has no random SD3.5 or FLUX.1-dev):
+    flow_grpo.load_pipeline builds --model on `device` and parks it on the CPU; PickScore is built the same way and
+    saved to a temporary folder passed as --reward-model-dir (rewards.py loads it as it would the real one). Returns
+    that folder ('' if none)."""
 
-    def load_random_sd35_medium(model, dtype):
-        assert model == "sd3.5-medium", model
-        pipe = build_sd35_medium(device, dtype, park="cpu")
+    def load_random_model(model, dtype):
+        assert model == args.model, model
+        pipe = MODELS[model]["build"](device, dtype, park="cpu")
         if device.type == "cuda":  # from_pretrained never touches the GPU: neither may the build, in the memory figures
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return pipe
 
-    fg.load_pipeline = load_random_sd35_medium
+    fg.load_pipeline = load_random_model
     if "pickscore" not in args.reward or "pickscore=" in args.reward_model_dir:
         return ""
     folder = tempfile.mkdtemp(prefix="bench_pickscore_")
@@ -388,25 +473,28 @@ def parse_args(argv=None):
         epilog="On a GPU pass --model sd3.5-medium (or a local diffusers folder) --resolution 512.",
     )
     p.add_argument(
-        "--model", default="tiny", help="tiny (random CPU model, default); on a GPU: sd3.5-medium or a local folder"
+        "--model",
+        default="tiny",
+        help="tiny (random CPU model, default); on a GPU: sd3.5-medium, flux.1-dev (the official FLUX recipe: "
+        "flow_grpo.FLUX_RECIPE, group 24, batch 3) or a local folder",
     )
     p.add_argument(
         "--random-weights",
         action="store_true",
-        help="with --model sd3.5-medium, on a GPU: build SD3.5-Medium and PickScore at their real sizes with "
+        help="with --model sd3.5-medium or flux.1-dev, on a GPU: build it and PickScore at their real sizes with "
         "random weights (nothing downloaded)",
     )
     p.add_argument(
         "--dry-run",
         action="store_true",
         help="build those models on the meta device (any machine), print their parameter counts and the FLOPs "
-        "of one step, and stop",
+        "of one step (for flux.1-dev also the memory of one 80 GB GPU), and stop",
     )
     p.add_argument(
         "--recipes",
         default=None,
         help=f"configurations to run, from {', '.join(RECIPES)}; append +compile for --compile "
-        "(default: default,24gb with --random-weights, none otherwise)",
+        "(default: default,24gb with --random-weights, default,40gb for flux.1-dev, none otherwise)",
     )
     p.add_argument(
         "--peak-tflops", type=float, default=0.0, help="the device's peak (default: from a table of known GPUs)"
@@ -418,11 +506,19 @@ def parse_args(argv=None):
         help="reward spec (default: jpeg_compressibility, which needs no model; pickscore with --random-weights)",
     )
     p.add_argument("--reward-model-dir", default="", help="as flow_grpo's --reward-model-dir")
-    p.add_argument("--group-size", type=int, default=None, help="default 4; 8 with --random-weights")
-    p.add_argument("--groups-per-step", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward (x2 transformer inputs with CFG)")
+    p.add_argument("--group-size", type=int, default=None, help="default 4; 8 with --random-weights; 24 for FLUX")
+    p.add_argument("--groups-per-step", type=int, default=None, help="default 2; 1 for FLUX")
     p.add_argument(
-        "--beta", type=float, default=0.01, help="KL weight; > 0 adds one reference forward per trained step"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per forward (x2 transformer inputs with CFG); default 8, 3 for FLUX",
+    )
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=None,
+        help="KL weight; > 0 adds one reference forward per trained step (default 0.01; FLUX's recipe: 0)",
     )
     p.add_argument("--dtype", default="auto", help="auto = bf16 on GPU, fp32 on CPU")
     p.add_argument(
@@ -452,22 +548,32 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dry_run:
         args.random_weights, args.model = True, "sd3.5-medium" if args.model == "tiny" else args.model
-    if args.random_weights and args.model != "sd3.5-medium":
-        p.error(f"--random-weights builds sd3.5-medium only, not '{args.model}'")
+    if args.random_weights and args.model not in MODELS:
+        p.error(f"--random-weights builds {' or '.join(MODELS)} only, not '{args.model}'")
     if args.random_weights and not args.dry_run and not torch.cuda.is_available():
         p.error(
-            "--random-weights needs a CUDA GPU (8 B parameters); --dry-run prints the parameter counts on any machine"
+            "--random-weights needs a CUDA GPU (9 to 18 B parameters); --dry-run prints the parameter counts on any "
+            "machine"
         )
+    flux = args.model == "flux.1-dev"
+    if flux and args.only:
+        p.error("--only: the comparisons are written for SD3 (CFG, 10 vs 40 steps); FLUX runs --recipes only")
     random = args.random_weights
     args.steps = args.steps if args.steps is not None else (3 if random else 5)
     if args.steps < 2:
         p.error("--steps must be at least 2 (step 1 is warm-up)")
-    args.resolution = args.resolution or (64 if args.model == "tiny" else 512)
+    # FLUX: the official recipe (FLUX_RECIPE) and one group of the official 24 images in batches of 3 (8 batches).
+    recipe = recipe_of(args.model)
+    args.resolution = args.resolution or (64 if args.model == "tiny" else recipe.get("resolution", 512))
     args.reward = args.reward or ("pickscore" if random else "jpeg_compressibility")
-    args.group_size = args.group_size or (8 if random else 4)
-    only = args.only if args.only is not None else ("" if random else "1,2,3,4")
+    args.group_size = args.group_size or (24 if flux else 8 if random else 4)
+    args.groups_per_step = args.groups_per_step or (1 if flux else 2)
+    args.batch_size = args.batch_size or (3 if flux else 8)
+    args.beta = args.beta if args.beta is not None else recipe.get("beta", 0.01)
+    only = args.only if args.only is not None else ("" if random or flux else "1,2,3,4")
     args.only = sorted({int(c) for c in only.split(",") if c.strip()})
-    recipes = args.recipes if args.recipes is not None else ("default,24gb" if random else "")
+    default_recipes = MODELS[args.model]["recipes"] if args.model in MODELS and (random or flux) else ""
+    recipes = args.recipes if args.recipes is not None else default_recipes
     args.recipes = [r.strip() for r in recipes.split(",") if r.strip()]
     compile_field = any(f.name == "compile" for f in dataclasses.fields(fg.Config))
     for recipe in args.recipes:
@@ -482,6 +588,8 @@ def parse_args(argv=None):
 def configurations(args):
     """The base configuration and one variant per comparison: (key, title, numerator, denominator)."""
     base = dict(num_steps=10, sde_window=0, guidance_scale=4.5, precompute_text_embeds=args.precompute_text_embeds)
+    recipe = recipe_of(args.model)
+    base.update({key: recipe[key] for key in ("num_steps", "guidance_scale") if key in recipe})
     variants = {
         "base": base,
         "steps40": {**base, "num_steps": 40},
@@ -534,7 +642,7 @@ def make_config(args, overrides, folder):
         # an optimizer step takes whole rollout batches: one step of a single batch allows one update
         updates_per_step=min(fg.Config.updates_per_step, args.groups_per_step * args.group_size // args.batch_size),
     )
-    return fg.Config(**{**settings, **overrides})
+    return fg.Config(**{**recipe_of(args.model), **settings, **overrides})
 
 
 @contextlib.contextmanager
@@ -595,30 +703,34 @@ def measure_flops(run, cfg, device):
 
 
 def transformer_flops(pipe, cfg):
-    """FLOPs of the transformer per input (one latent and its TEXT_TOKENS text tokens) at cfg.resolution, counted
-    with torch.utils.flop_counter on one input of a LoRA-wrapped copy (meta device for SD3.5-M): the policy forward
-    (a rollout step), its forward + backward (a trained step; gradient checkpointing's recomputation not counted:
-    this is the model's work) and the reference forward (adapter off). Modifies pipe.transformer (LoRA added)."""
+    """FLOPs of the transformer per input (one latent and its text tokens: SD3's TEXT_TOKENS, FLUX's 128) at
+    cfg.resolution, counted with torch.utils.flop_counter on one input of a LoRA-wrapped copy (the model's own targets;
+    meta device for the real sizes): the policy forward (a rollout step), its forward + backward (a trained step;
+    gradient checkpointing's recomputation not counted: this is the model's work) and the reference forward (adapter
+    off). One input: SD3 without CFG (CFG doubles the inputs, step_shape counts them), FLUX with its guidance
+    embedding (one input per image). Modifies pipe.transformer (LoRA added)."""
     config = pipe.transformer.config
-    transformer, _ = fg.add_lora(pipe.transformer, cfg)
-    weight = transformer.get_base_model().pos_embed.proj.weight
-    like = {"device": weight.device, "dtype": weight.dtype}
-    x = torch.randn(1, *fg.model_policy(pipe, cfg.resolution).latent_shape(), **like)
+    policy = fg.model_policy(pipe, cfg.resolution)
+    like = {"device": pipe.transformer.device, "dtype": pipe.transformer.dtype}
+    transformer, _ = fg.add_lora(pipe.transformer, cfg, targets=policy.lora_targets)
+    tokens = TEXT_TOKENS if policy.uses_cfg else FLUX_TEXT_TOKENS
+    x = torch.randn(1, *policy.latent_shape(), **like)
     text = fg.TextEmbeddings(
-        torch.randn(1, TEXT_TOKENS, config.joint_attention_dim, **like),
+        torch.randn(1, tokens, config.joint_attention_dim, **like),
         torch.randn(1, config.pooled_projection_dim, **like),
     )
-    timestep = torch.tensor(500.0, device=weight.device)
+    timestep = torch.tensor(500.0, device=like["device"])
+    guidance = 1.0 if policy.uses_cfg else cfg.guidance_scale
 
     def forward():
-        return fg.guided_velocity(transformer, x, timestep, text, 1.0)
+        return policy.velocity(transformer, x, timestep, text, guidance)
 
     with torch.no_grad():
-        policy = count_flops(forward)
+        flops = count_flops(forward)
         with transformer.disable_adapter():
             reference = count_flops(forward)
     train = count_flops(lambda: forward().square().mean().backward())
-    return {"policy": policy, "train": train, "reference": reference}
+    return {"policy": flops, "train": train, "reference": reference, "text_tokens": tokens}
 
 
 def step_flops(result, per_input, beta):
@@ -663,7 +775,7 @@ def run_configuration(name, overrides, args, device, keep_root, text_flops=True)
         "seconds": {p: sum(r[f"seconds_{p}"] for r in measured) / len(measured) for p in PHASES},
         "skipped": sum(bool(r.get("skipped_update")) for r in measured),
         "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
-        "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1),
+        "inputs": transformer_inputs(cfg),
         "trained": sum(len(fg.sde_and_trained_steps(cfg, fg.seeded(cfg.seed, r["step"] - 1))[1]) for r in measured)
         / len(measured),
         # train() logs each step's GPU peaks (and resets them): the run's peak is the largest.
@@ -688,7 +800,7 @@ def forward_units(result, flops, beta, backward=2.0):
     cfg = result["cfg"]
     text = 0.0
     if not cfg.precompute_text_embeds and flops:
-        text = flops[f"text_{cfg.guidance_scale > 1}"] / flops["forward_per_input"]
+        text = flops[f"text_{uses_cfg(cfg)}"] / flops["forward_per_input"]
     rollout = result["batches"] * (cfg.num_steps * result["inputs"] + text)
     train = result["batches"] * result["trained"] * result["inputs"] * (1 + backward + (1 if beta > 0 else 0))
     return {"rollout": rollout, "reward": 1.0, "train": train, "text": result["batches"] * text}
@@ -706,7 +818,8 @@ def table(headers, rows, left=2):
 def describe(cfg):
     parts = [f"T={cfg.num_steps}"]
     parts.append(f"window {cfg.sde_window}" if cfg.sde_window else "full")
-    parts.append(f"CFG {cfg.guidance_scale:g}" if cfg.guidance_scale > 1 else "no CFG")
+    guidance = "guidance" if "flux" in cfg.model.lower() else "CFG"
+    parts.append(f"{guidance} {cfg.guidance_scale:g}" if cfg.guidance_scale > 1 else "no CFG")
     parts.append("precomputed text" if cfg.precompute_text_embeds else "live text")
     return ", ".join(parts)
 
@@ -1014,11 +1127,23 @@ def count_per_input_flops(args):
     the meta device (no memory, no time on the GPU). None for a model folder of another shape."""
     if args.model == "tiny":
         pipe = fg.build_tiny_pipeline()
-    elif args.model == "sd3.5-medium":
-        pipe = build_sd35_medium("meta")
+    elif args.model in MODELS:
+        pipe = MODELS[args.model]["build"]("meta")
     else:
         return None
-    return transformer_flops(pipe, fg.Config(model=args.model, resolution=args.resolution))
+    return transformer_flops(
+        pipe, fg.Config(**{**recipe_of(args.model), "model": args.model, "resolution": args.resolution})
+    )
+
+
+def uses_cfg(cfg):
+    """Whether a guidance scale above 1 doubles the transformer's inputs: SD3's classifier-free guidance does; FLUX.1
+    takes the scale as an input of the network (flow_grpo.FluxPolicy), one input per image."""
+    return cfg.guidance_scale > 1 and "flux" not in cfg.model.lower()
+
+
+def transformer_inputs(cfg):
+    return cfg.batch_size * (2 if uses_cfg(cfg) else 1)
 
 
 def step_shape(cfg, steps=(0,)):
@@ -1028,7 +1153,7 @@ def step_shape(cfg, steps=(0,)):
     return {
         "cfg": cfg,
         "batches": cfg.groups_per_step * cfg.group_size // cfg.batch_size,
-        "inputs": cfg.batch_size * (2 if cfg.guidance_scale > 1 else 1),
+        "inputs": transformer_inputs(cfg),
         "trained": sum(trained) / len(trained),
     }
 
@@ -1101,7 +1226,8 @@ def print_throughput_table(results, args, per_input, device):
     )
     if per_input:
         print(
-            f"TFLOP/s: the transformer's FLOPs (torch.utils.flop_counter, one input of {TEXT_TOKENS} text tokens: "
+            f"TFLOP/s: the transformer's FLOPs (torch.utils.flop_counter, one input of {per_input['text_tokens']} "
+            f"text tokens: "
             f"forward {per_input['policy'] / 1e9:.4g} GFLOP, forward + backward "
             f"{per_input['train'] / 1e9:.4g}, reference "
             f"forward {per_input['reference'] / 1e9:.4g}; checkpointing's recomputation not counted) over the phase's "
@@ -1121,32 +1247,38 @@ def print_throughput_table(results, args, per_input, device):
 
 
 def dry_run(args):
-    """Build SD3.5-Medium and PickScore on the meta device, print their parameter counts and the FLOPs of one step."""
+    """Build --model (SD3.5-Medium by default, or FLUX.1-dev) and PickScore on the meta device, print their parameter
+    counts and the FLOPs of one step; for FLUX.1-dev also the memory of one 80 GB GPU (flux_memory)."""
     started = time.perf_counter()
-    pipe = build_sd35_medium("meta")
+    model = MODELS[args.model]
+    pipe = model["build"]("meta")
     pickscore, _ = build_pickscore("meta")
     counts = parameter_counts(pipe, pickscore)
     table_rows = [[name, f"{n / 1e9:.3f} B", f"{2 * n / 1e9:.2f}"] for name, n in counts.items()]
     table_rows.append(["total", f"{sum(counts.values()) / 1e9:.3f} B", f"{2 * sum(counts.values()) / 1e9:.2f}"])
     print(
-        f"SD3.5-Medium and PickScore from their published configs, built on the meta device (shapes only) "
+        f"{model['title']} and PickScore from their published configs, built on the meta device (shapes only) "
         f"in {time.perf_counter() - started:.1f} s:"
     )
     print(table(["component", "parameters", "bf16 GB"], table_rows, left=1))
-    table_size = pipe.transformer.pos_embed.pos_embed.numel()
-    print(f"(+ the transformer's position table, a buffer: {table_size / 1e9:.3f} B values)")
+    flux = type(pipe).__name__ == "FluxPipeline"
+    if not flux:
+        table_size = pipe.transformer.pos_embed.pos_embed.numel()
+        print(f"(+ the transformer's position table, a buffer: {table_size / 1e9:.3f} B values)")
     with tempfile.TemporaryDirectory() as folder:
         cfg = make_config(args, RECIPES["default"], folder)
     per_input = transformer_flops(pipe, cfg)
     shape = step_shape(cfg)
     flops = step_flops(shape, per_input, args.beta)
     inputs = shape["inputs"]
+    how = "guidance embedding, no CFG" if flux else "CFG" if uses_cfg(cfg) else "no CFG"
     print(
         f"\nTransformer FLOPs (torch.utils.flop_counter on the meta device, LoRA r={cfg.lora_rank}), "
         f"{cfg.resolution} px, "
-        f"{TEXT_TOKENS} text tokens: one forward of {inputs} inputs (batch {cfg.batch_size}, CFG) "
+        f"{per_input['text_tokens']} text tokens: one forward of {inputs} inputs (batch {cfg.batch_size}, {how}) "
         f"{inputs * per_input['policy'] / 1e12:.2f} TFLOP, forward + backward {inputs * per_input['train'] / 1e12:.2f} "
-        f"TFLOP, reference forward {inputs * per_input['reference'] / 1e12:.2f} TFLOP."
+        f"TFLOP, reference forward {inputs * per_input['reference'] / 1e12:.2f} TFLOP"
+        f"{' (not run: beta 0)' if args.beta == 0 else ''}."
     )
     peak = args.peak_tflops or dict(PEAK_TFLOPS)["H100"]
     total = flops["rollout"] + flops["train"]
@@ -1156,6 +1288,141 @@ def dry_run(args):
         f"train {flops['train'] / 1e12:.0f} TFLOP; at {peak:g} TFLOP/s "
         f"({'--peak-tflops' if args.peak_tflops else 'an H100'}) no faster than {total / peak / 1e12:.2f} s."
     )
+    if flux:
+        lora = sum(p.numel() for p in pipe.transformer.parameters() if p.requires_grad)  # transformer_flops added it
+        flux_memory(pipe, cfg, counts, lora)
+
+
+@contextlib.contextmanager
+def flash_attention_on_meta():
+    """The meta device has no fused attention of its own: torch's SDPA falls back there to the math kernel, which
+    saves the [heads, tokens, tokens] probabilities for the backward. The CPU (and CUDA's flash and memory-efficient
+    kernels) save q, k, v, the output and the log-sum-exp instead: run the CPU's flash kernel, which has a meta
+    implementation, for unmasked attention on meta tensors, so that the saved tensors are the ones a real run keeps."""
+    functional = torch.nn.functional
+    native = functional.scaled_dot_product_attention
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if query.is_meta and attn_mask is None and not dropout_p and not kwargs.get("enable_gqa"):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, is_causal=is_causal, scale=scale
+            )[0]
+        return native(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
+        )
+
+    functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = native
+
+
+def block_activations(cfg, latent_shape, device="meta", width=None):
+    """Bytes kept for the backward by one training forward of one input, per FLUX block: a FluxTransformer2DModel with
+    FLUX.1-dev's settings (or `width`: {attention_head_dim, num_attention_heads}) but ONE double-stream and ONE
+    single-stream block, with the run's LoRA (flow_grpo.add_lora, r and targets as train() uses them, bf16 arithmetic),
+    in bf16 on `device`, the velocity of flow_grpo.FluxPolicy at latent_shape with 128 T5 tokens. Counted with
+    torch.autograd.graph.saved_tensors_hooks: each tensor saved for the backward, once per storage (a view keeps its
+    whole storage alive; one saved by several ops counts once), not the model's parameters, attributed to the block
+    whose forward is running ("outside": the embedders and the final layer). On meta (no memory, no time) with the
+    flash kernel a CPU or GPU picks (flash_attention_on_meta); on "cpu" with real tensors."""
+    from diffusers import FluxTransformer2DModel
+
+    settings = {**FLUX1_DEV["transformer"], **(width or {}), "num_layers": 1, "num_single_layers": 1}
+    torch.manual_seed(0)
+    with building_on(device, torch.bfloat16):
+        transformer = as_loaded(FluxTransformer2DModel(**settings), torch.bfloat16, None)
+        model, _ = fg.add_lora(transformer, cfg, targets=fg.FLUX_LORA_TARGETS)
+        x = torch.randn(1, *latent_shape)
+        text = fg.TextEmbeddings(
+            torch.randn(1, FLUX_TEXT_TOKENS, settings["joint_attention_dim"]),
+            torch.randn(1, settings["pooled_projection_dim"]),
+        )
+    parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+    running, saved = ["outside"], {"double": {}, "single": {}, "outside": {}}
+    for name, block in (
+        ("double", transformer.transformer_blocks[0]),
+        ("single", transformer.single_transformer_blocks[0]),
+    ):
+        block.register_forward_pre_hook(lambda module, inputs, name=name: running.__setitem__(0, name))
+        block.register_forward_hook(lambda module, inputs, output: running.__setitem__(0, "outside"))
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            saved[running[0]][storage._cdata] = storage.nbytes()
+        return tensor
+
+    velocity = fg.FluxPolicy(None, 0).velocity  # needs only the transformer: no pipeline
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), flash_attention_on_meta():
+        velocity(model, x.float(), torch.tensor(500.0, device=device), text, cfg.guidance_scale)
+    return {name: sum(storages.values()) for name, storages in saved.items()}
+
+
+def flux_memory(pipe, cfg, counts, lora):
+    """What one training step of FLUX.1-dev holds on one GPU at cfg's batch (the official 3 at 512 px), computed from
+    the parameter counts and block_activations (a forward of one double and one single block, scaled by the 19 and 38
+    blocks and the batch; no CFG: one input per image): printed for the four settings of --precompute-text-embeds
+    (the text encoders freed after encoding) and --gradient-checkpointing (each block keeps only its input, and one
+    block's activations are rebuilt at a time in the backward). Returns the bytes: per block kind, per input, and
+    the peak of each setting."""
+    config = pipe.transformer.config
+    latent = fg.model_policy(pipe, cfg.resolution).latent_shape()
+    image_tokens = latent[1] * latent[2] // 4  # packed 2x2 patches
+    tokens = image_tokens + FLUX_TEXT_TOKENS
+    kept = block_activations(cfg, latent)
+    width = config.num_attention_heads * config.attention_head_dim
+    block_input = tokens * width * 2  # bf16 hidden states of the image and text tokens entering a block
+    blocks = config.num_layers + config.num_single_layers
+    full = config.num_layers * kept["double"] + config.num_single_layers * kept["single"] + kept["outside"]
+    checkpointed = blocks * block_input + kept["outside"] + max(kept["double"], kept["single"])
+    batch = cfg.batch_size
+    gb = 1e9
+    rows = [
+        ["transformer", "bf16", 2 * counts["transformer"]],
+        [
+            "T5-XXL + CLIP-L (freed by --precompute-text-embeds)",
+            "bf16",
+            2 * (counts["T5-XXL encoder"] + counts["CLIP-L"]),
+        ],
+        ["VAE", "fp32", 4 * counts["VAE"]],
+        ["PickScore (CLIP-H)", "fp32", 4 * counts["PickScore (CLIP-H)"]],
+        [f"LoRA r={cfg.lora_rank}: {lora / 1e6:.1f} M: weights, grads, AdamW 2 moments, EMA", "fp32 x 5", 20 * lora],
+    ]
+    fixed = sum(r[2] for r in rows)
+    text = rows[1][2]
+    print(
+        f"\nMemory of one training step on one GPU (computed, not measured on a GPU): FLUX.1-dev, batch {batch} x "
+        f"{cfg.resolution} px ({image_tokens} image + {FLUX_TEXT_TOKENS} text tokens per input, one input per image)"
+    )
+    print(table(["component", "dtype", "GB"], [[a, b, f"{c / gb:.2f}"] for a, b, c in rows], left=2))
+    print(
+        f"Activations kept for the backward, per input (saved-tensor hooks on one block of each kind at width {width}, "
+        f"LoRA r={cfg.lora_rank}, bf16, meta device): double block {kept['double'] / 2**20:.1f} MiB, single block "
+        f"{kept['single'] / 2**20:.1f} MiB, embedders and final layer {kept['outside'] / 2**20:.1f} MiB; "
+        f"{config.num_layers} x double + {config.num_single_layers} x single = {full / gb:.2f} GB; "
+        f"with --gradient-checkpointing {blocks} block inputs x {block_input / 2**20:.2f} MiB + one block rebuilt "
+        f"= {checkpointed / gb:.2f} GB."
+    )
+    settings = [
+        ("live text", False, False),
+        ("--gradient-checkpointing", False, True),
+        ("--precompute-text-embeds", True, False),
+        ("both (40gb recipe)", True, True),
+    ]
+    peaks, rows = {}, []
+    for name, precomputed, checkpointing in settings:
+        activations = batch * (checkpointed if checkpointing else full)
+        peaks[name] = fixed - (text if precomputed else 0) + activations
+        rows.append([name, f"{activations / gb:.1f}", f"{peaks[name] / gb:.1f}"])
+    print(table([f"batch {batch}", "activations GB", "peak GB"], rows, left=1))
+    print(
+        "peak = weights + LoRA state + activations; add the CUDA context and the allocator's slack (1-2 GB for SD3.5, "
+        "docs/scale_and_memory.md). Rollout and reward run without gradients, one block or model at a time, never "
+        "next to the activations."
+    )
+    return {"kept": kept, "per_input": full, "per_input_checkpointed": checkpointed, "peaks": peaks}
 
 
 if __name__ == "__main__":
