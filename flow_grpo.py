@@ -1032,7 +1032,7 @@ class FluxPolicy(SD3Policy):
         rows, columns = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
         image_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3).to(x.device)
         dtype = text.embeds.dtype
-        guided = self.pipe.transformer.config.guidance_embeds  # FLUX.1-dev's; FLUX.1-schnell has no guidance input
+        guided = transformer.config.guidance_embeds  # FLUX.1-dev's; FLUX.1-schnell has no guidance input
         v = transformer(
             hidden_states=tokens.to(dtype),
             timestep=timestep.expand(batch).to(dtype) / 1000,

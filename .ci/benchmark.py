@@ -818,7 +818,7 @@ def table(headers, rows, left=2):
 def describe(cfg):
     parts = [f"T={cfg.num_steps}"]
     parts.append(f"window {cfg.sde_window}" if cfg.sde_window else "full")
-    guidance = "guidance" if "flux" in cfg.model.lower() else "CFG"
+    guidance = "guidance" if fg.is_flux(cfg.model) else "CFG"
     parts.append(f"{guidance} {cfg.guidance_scale:g}" if cfg.guidance_scale > 1 else "no CFG")
     parts.append("precomputed text" if cfg.precompute_text_embeds else "live text")
     return ", ".join(parts)
@@ -1139,7 +1139,7 @@ def count_per_input_flops(args):
 def uses_cfg(cfg):
     """Whether a guidance scale above 1 doubles the transformer's inputs: SD3's classifier-free guidance does; FLUX.1
     takes the scale as an input of the network (flow_grpo.FluxPolicy), one input per image."""
-    return cfg.guidance_scale > 1 and "flux" not in cfg.model.lower()
+    return cfg.guidance_scale > 1 and not fg.is_flux(cfg.model)
 
 
 def transformer_inputs(cfg):
