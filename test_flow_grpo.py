@@ -5002,3 +5002,39 @@ def test_benchmark_flux_memory_table_fits_the_official_batch_on_80gb(bench_scrip
     for name, peak in peaks.items():
         assert f"{name}" in printed and f" {peak / 1e9:.1f}" in printed
     assert peaks["live text"] < 80e9 - 5e9 and peaks["both (40gb recipe)"] < 40e9 - 5e9  # context and slack: 1-2 GB
+
+
+def test_a_short_tiny_flux_run_raises_a_colour_reward_by_several_within_step_stds(tmp_path, capsys):
+    """GRPO on the tiny FLUX learns: 12 steps of greenness (32 px, 4 prompts x 8 images, 3 SDE steps; 8 s on one
+    core) raise the rollout reward by more than 4 within-step stds (+6.5 at seed 0; +6.2 to +7.1 over 20 steps at
+    seeds 0-2), and the evaluation ODE's reward of the trained EMA model beats the base model's."""
+    (tmp_path / "eval.txt").write_text("a red apple\na photo of a cat\n")
+    cfg = F.Config(
+        model="tiny-flux",
+        reward="greenness",
+        resolution=32,
+        group_size=8,
+        groups_per_step=4,
+        batch_size=16,
+        num_steps=3,
+        eval_num_steps=3,
+        guidance_scale=3.5,
+        lr=3e-2,
+        noise_level=1.0,
+        clip_range=1e-2,
+        beta=0.0,
+        lora_rank=64,
+        lora_alpha=128,
+        max_steps=12,
+        eval_every=100,
+        save_every=100,
+        out=str(tmp_path / "out"),
+        eval_prompts=str(tmp_path / "eval.txt"),
+    )
+    F.train(cfg)
+    records = read_metrics(tmp_path / "out")
+    effect = F.effect_size(records)
+    print(F.effect_size_line(records))
+    base = float(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 0 |")).split()[-1])
+    assert effect["effect"] > 4, effect
+    assert records[-1]["eval_reward"] > base + 0.02, (base, records[-1]["eval_reward"])
