@@ -1425,7 +1425,6 @@ def check_config(cfg: Config, dist: Distributed):
                 "there, changing the velocity); the official FLUX runs are bf16: use --dtype bf16 or fp32"
             )
         untested = {
-            "--compile": cfg.compile,
             "--resume": cfg.resume,
             f"{dist.world} processes": dist.world > 1,
         }
@@ -2885,17 +2884,20 @@ class CompileCounter:
 
 
 def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
-    """--compile: regional compilation, torch.compile of each MMDiT block (fullgraph), not the whole model.
+    """--compile: regional compilation, torch.compile of each transformer block (fullgraph), not the whole model:
+    SD3's MMDiT blocks; FLUX's double-stream and single-stream blocks.
 
     Blocks of one kind share one compiled graph, so compiling costs a few graphs: one per block kind (SD3.5-M:
-    dual-attention, plain, and the last, context-free block) and per way a run calls them: with grad (training,
+    dual-attention, plain, and the last, context-free block; FLUX.1: double-stream, the first single-stream block,
+    whose inputs come contiguous from the double blocks, and the other single blocks, whose inputs are slices of
+    the previous one's joint sequence: other strides, a guard) and per way a run calls them: with grad (training,
     gradient checkpointing included), without (rollout, evaluation, the EMA swapped in: parameters are graph
     inputs, so new values need no new graph), and without with the adapter disabled (the reference policy);
     with grad, the first block also gets its own graph when its inputs, unlike the next blocks', need no
-    gradient (guards check requires_grad). All of them are compiled in the first step (and the evaluation
-    before it); the count is logged so that a recompilation shows. Shapes are static: a run's shapes never
-    change, except the last evaluation batch when the eval prompts do not fill it, which costs one graph more,
-    at step 0.
+    gradient (guards check requires_grad). SD3.5-M and FLUX.1-dev: 10 graphs whatever their depth. All of them
+    are compiled in the first step (and the evaluation before it); the count is logged so that a recompilation
+    shows. Shapes are static: a run's shapes never change, except the last evaluation batch when the eval prompts
+    do not fill it, which costs a graph more per block kind, at step 0.
     nn.Module.compile compiles in place: modules, parameters and state-dict names stay, so peft's
     disable_adapter, the EMA swap and save_lora work as before. diffusers' compile_repeated_blocks would do the
     same, but it needs `_repeated_blocks`, which SD3Transformer2DModel does not set (diffusers 0.42)."""
@@ -2906,10 +2908,12 @@ def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
-    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M needs 10, the default is 8.
+    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M and FLUX.1-dev need 10, the
+    # default is 8.
     setattr(config, limit, max(getattr(config, limit), 64))
     counter = CompileCounter()
-    for block in transformer.get_base_model().transformer_blocks:
+    base = transformer.get_base_model()
+    for block in [*base.transformer_blocks, *getattr(base, "single_transformer_blocks", [])]:
         block.compile(fullgraph=True, dynamic=False, backend=backend)
     return counter
 

@@ -2,6 +2,7 @@
 tiny random models built here (no model hub is ever contacted)."""
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -4670,7 +4671,6 @@ def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
     (exit 2 through main) rather than an untested guess."""
     cpu = torch.device("cpu")
     cases = [
-        (dict(compile=True), F.Distributed(0, 1, cpu), "--compile"),
         (dict(resume=True), F.Distributed(0, 1, cpu), "--resume"),
         (dict(batch_size=2), F.Distributed(0, 2, cpu), "2 processes"),
     ]
@@ -5038,3 +5038,125 @@ def test_a_short_tiny_flux_run_raises_a_colour_reward_by_several_within_step_std
     base = float(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 0 |")).split()[-1])
     assert effect["effect"] > 4, effect
     assert records[-1]["eval_reward"] > base + 0.02, (base, records[-1]["eval_reward"])
+
+
+# --------------------------------------------------------------------------------------------------
+# FLUX.1 paths (issue 21): --compile per block kind on the tiny FLUX and on FLUX.1-dev's layout
+# --------------------------------------------------------------------------------------------------
+
+
+def test_flux_compiled_blocks_serve_every_path_of_a_run_and_compile_only_in_the_first_step(tmp_path, monkeypatch):
+    """--compile on the tiny FLUX (one double-stream, one single-stream block), through train(): both block lists
+    are compiled, every path of a run (rollout, training, the reference forward with the adapter off, the
+    evaluation with the EMA swapped in at steps 0, 1 and 2) runs them, all graphs are compiled in the first step,
+    and the compiled blocks give what eager ones give. Dynamo's "eager" backend: the tracing, guards and graphs that
+    are FLUX's own, in seconds; inductor's C++ compile of the same graphs (minutes on a CPU) is SD3's test's."""
+    monkeypatch.setattr(F, "compile_blocks", functools.partial(F.compile_blocks, backend="eager"))
+    folder = tmp_path / "out"
+    cfg = tiny_config(folder, model="tiny-flux", guidance_scale=3.5, compile=True, max_steps=2, eval_every=1)
+    run = F.train(cfg)
+    first, second = read_metrics(folder)
+    # One graph per block kind (double, single) and way of calling the blocks (with grad; without; without and
+    # with the adapter off), all compiled by the end of the first step.
+    assert first["compilations"] == 2 * 3 and first["seconds_compile"] > 0
+    assert second["compilations"] == first["compilations"] and second["seconds_compile"] == 0
+    assert first["first_ratio_error"] == second["first_ratio_error"] == 0.0 and "eval_reward" in second
+    base = run.transformer.get_base_model()
+    blocks = [*base.transformer_blocks, *base.single_transformer_blocks]
+    assert len(blocks) == 2 and all(block._compiled_call_impl is not None for block in blocks)
+    # The same paths once more: no new graph, and exactly what the eager blocks give (the backend runs the traced
+    # graph as it is: a guard that missed a changed input or a constant baked into the graph would show).
+    policy = F.model_policy(run.pipe, cfg.resolution)
+    prompts = ["a cat", "a cat", "the dog", "the dog"]
+    text = policy.encode_text(prompts, "cpu")
+    sigmas, timesteps = policy.schedule(cfg.num_steps, "cpu")
+    noise = torch.randn(4, *policy.latent_shape(), generator=torch.Generator().manual_seed(0))
+    levels = [cfg.noise_level] * cfg.num_steps
+
+    def every_path():
+        def sampled(levels, generator=None):
+            return F.sample(
+                run.transformer,
+                text,
+                noise,
+                sigmas,
+                timesteps,
+                3.5,
+                levels,
+                generator=generator,
+                velocity=policy.velocity,
+            )
+
+        with F.swap_in(run.params, run.ema_params):
+            evaluated = sampled([0.0] * cfg.num_steps)
+        rollout = sampled(levels, torch.Generator().manual_seed(1))
+        batch = F.RolloutBatch(prompts, text, rollout, levels, [1])
+        advantages = torch.tensor([0.5, -0.5, 1.5, -1.5])
+        args = (advantages, None, sigmas, timesteps, levels, F.sde_step, cfg)
+        loss, parts, delta = F.step_loss(run.transformer, batch, 1, *args, velocity=policy.velocity)
+        grad = lora_gradient(run.transformer, loss)
+        return evaluated.latents, rollout.latents, torch.tensor(parts["kl"]), delta, grad
+
+    counter = F.CompileCounter()
+    compiled = every_path()
+    with torch.compiler.set_stance("force_eager"):
+        eager = every_path()
+    assert counter.graphs == 0 and counter.seconds == 0
+    assert compiled[2] > 0 and compiled[4].abs().max() > 0  # the reference (adapter off) is not the trained policy
+    for ours, expected in zip(compiled, eager):
+        torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_flux1_devs_block_kinds_compile_within_dynamos_limit(tmp_path):
+    """FLUX.1-dev's layout in small: its 19 double-stream and 38 single-stream blocks, at a tiny width. Blocks of one
+    kind share a graph, except the first single block: its inputs come contiguous from the double blocks, the next
+    ones' are slices of the previous single block's joint sequence (other strides, a guard). So a run needs 10
+    graphs, whatever the depth: past dynamo's default limit of 8 per code object (all compiled blocks share
+    nn.Module._call_impl), within compile_blocks' 64. Gradient checkpointing adds none."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    base = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=19,
+        num_single_layers=38,
+        attention_head_dim=8,
+        num_attention_heads=1,
+        joint_attention_dim=16,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 2, 2),
+    ).eval()
+    transformer, _ = F.add_lora(base, tiny_config(tmp_path), targets=F.FLUX_LORA_TARGETS)
+    counter = F.compile_blocks(transformer, backend="eager")
+    rows, columns = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 16),
+        "timestep": torch.tensor([0.9, 0.9]),
+        "guidance": torch.tensor([3.5, 3.5]),
+        "pooled_projections": torch.randn(2, 16),
+        "encoder_hidden_states": torch.randn(2, 5, 16),
+        "txt_ids": torch.zeros(5, 3),
+        "img_ids": torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(-1, 3),
+        "return_dict": False,
+    }
+
+    def every_path():
+        with torch.no_grad():
+            rollout = transformer(**inputs)[0]
+            with transformer.disable_adapter():
+                reference = transformer(**inputs)[0]
+        return rollout, reference, lora_gradient(transformer, transformer(**inputs)[0].square().sum())
+
+    compiled = every_path()
+    # Without grad: double, first single, single; with the adapter off: the same 3; with grad: 4, as the first
+    # double block's inputs need no gradient.
+    assert counter.graphs == 3 + 3 + 4
+    base.enable_gradient_checkpointing()
+    checkpointed = lora_gradient(transformer, transformer(**inputs)[0].square().sum())
+    torch.testing.assert_close(checkpointed, compiled[2], rtol=0, atol=0)
+    with torch.compiler.set_stance("force_eager"):
+        for ours, expected in zip(compiled, every_path()):
+            torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    assert counter.graphs == 10
