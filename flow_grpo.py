@@ -1426,7 +1426,6 @@ def check_config(cfg: Config, dist: Distributed):
             )
         untested = {
             "--resume": cfg.resume,
-            f"{dist.world} processes": dist.world > 1,
         }
         for what, asked in untested.items():
             if asked:
@@ -2140,13 +2139,13 @@ def setup_distributed() -> Distributed:
     if "RANK" not in os.environ:
         return Distributed(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group("nccl")
-        return Distributed(rank, world, torch.device("cuda", local_rank))
-    torch.distributed.init_process_group("gloo")
-    return Distributed(rank, world, torch.device("cpu"))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():  # a second train() in the same processes keeps the first's group
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, device)
 
 
 def all_gather(tensor: torch.Tensor, dist: Distributed) -> torch.Tensor:
