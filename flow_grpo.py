@@ -1418,18 +1418,11 @@ def check_config(cfg: Config, dist: Distributed):
         raise UsageError("--ratio-norm is defined for --sde-type sde only (as in the official GRPO-Guard script)")
     if cfg.dtype not in choices_of("dtype"):
         raise UsageError(f"--dtype {cfg.dtype}: use auto, fp32, bf16 or fp16")
-    if is_flux(cfg.model):  # FLUX offers what its tests cover so far (issue 21): the rest is refused, not guessed
-        if cfg.dtype == "fp16":  # (auto is bf16 on a GPU)
-            raise UsageError(
-                "--dtype fp16: FLUX.1's activations exceed fp16's largest value 65504 (diffusers clips two of them "
-                "there, changing the velocity); the official FLUX runs are bf16: use --dtype bf16 or fp32"
-            )
-        untested = {
-            "--resume": cfg.resume,
-        }
-        for what, asked in untested.items():
-            if asked:
-                raise UsageError(f"{what} is not yet tested with FLUX (--model tiny-flux): run without it")
+    if is_flux(cfg.model) and cfg.dtype == "fp16":  # (auto is bf16 on a GPU)
+        raise UsageError(
+            "--dtype fp16: FLUX.1's activations exceed fp16's largest value 65504 (diffusers clips two of them "
+            "there, changing the velocity); the official FLUX runs are bf16: use --dtype bf16 or fp32"
+        )
 
 
 def choices_of(name: str):

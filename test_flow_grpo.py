@@ -2366,7 +2366,8 @@ def run_cli(args):
     return code, [line for line in lines if line.startswith("error")]
 
 
-def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
+@pytest.mark.parametrize("model", ["tiny", "tiny-flux"])
+def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path, model):
     import signal
     import subprocess
     import sys
@@ -2374,7 +2375,7 @@ def test_killed_and_resumed_run_ends_with_the_same_lora(tmp_path):
 
     from safetensors.torch import load_file
 
-    flags = TINY_FLAGS + ["--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "2"]
+    flags = TINY_FLAGS + ["--model", model, "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "2"]
     assert run_cli(flags + ["--out", str(tmp_path / "whole")])[0] == 0
 
     killed = tmp_path / "killed"
@@ -4673,19 +4674,18 @@ def test_flux_lora_loads_in_flux_pipeline_and_reproduces_the_ema_model(flux_trai
     assert (ours.latents[:, -1] - base.latents[:, -1]).abs().max() > 1e-4  # the LoRA matters
 
 
-def test_flux_refuses_the_paths_its_tests_do_not_cover_yet():
-    """Issue 21 is open: --model tiny-flux runs what the FLUX tests above cover, and each other path is one line
-    (exit 2 through main) rather than an untested guess."""
-    cpu = torch.device("cpu")
-    cases = [
-        (dict(resume=True), F.Distributed(0, 1, cpu), "--resume"),
-    ]
-    for overrides, dist, what in cases:
-        cfg = tiny_config("unused", model="tiny-flux", **overrides)
-        with pytest.raises(F.UsageError, match=f"^{what} is not yet tested with FLUX"):
-            F.check_config(cfg, dist)
-    F.check_config(tiny_config("unused", model="tiny-flux"), F.Distributed(0, 1, cpu))  # what the tests run
-    F.check_config(tiny_config("unused", compile=True, resume=True, batch_size=2), F.Distributed(0, 2, cpu))  # SD3
+def test_flux_offers_every_path_sd3_offers_but_fp16():
+    """Each path has its FLUX test above or below (text cache, gradient checkpointing, bf16, --compile, resume,
+    torchrun, --compare): check_config refuses none of them for a FLUX model, alone or together, on a CPU or on GPUs,
+    and refuses fp16 (its own test) only."""
+    every = dict(compile=True, resume=True, gradient_checkpointing=True, precompute_text_embeds=True, batch_size=2)
+    for model in ("tiny-flux", "flux.1-dev"):
+        F.check_config(
+            tiny_config("unused", model=model, dtype="bf16", **every), F.Distributed(0, 2, torch.device("cpu"))
+        )
+        F.check_config(tiny_config("unused", model=model, **every), F.Distributed(0, 2, torch.device("cuda")))
+        with pytest.raises(F.UsageError, match="^--dtype fp16: FLUX.1's activations exceed"):
+            F.check_config(tiny_config("unused", model=model, dtype="fp16"), F.Distributed(0, 1, torch.device("cpu")))
 
 
 # FLUX.1-dev by name: the alias, a local FLUX folder, the official FLUX recipe as the defaults (issue 21)
@@ -5047,7 +5047,8 @@ def test_a_short_tiny_flux_run_raises_a_colour_reward_by_several_within_step_std
 
 
 # --------------------------------------------------------------------------------------------------
-# FLUX.1 paths (issue 21): --compile per block kind on the tiny FLUX and on FLUX.1-dev's layout
+# FLUX.1 paths (issue 21): --compile per block kind on the tiny FLUX and on FLUX.1-dev's layout (torchrun and
+# --resume on the tiny FLUX: TORCHRUN_MODELS and the model parameter of the killed-and-resumed test)
 # --------------------------------------------------------------------------------------------------
 
 
