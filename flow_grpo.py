@@ -2899,9 +2899,8 @@ def compile_blocks(transformer, backend: str = "inductor") -> CompileCounter:
         raise UsageError(f"--compile needs a newer torch: {torch.__version__} has no torch._dynamo.callback_handler")
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    # Every compiled module shares the code object of nn.Module._call_impl, and dynamo compiles no more than the
-    # limit of graphs per code object (with fullgraph: an error past it): SD3.5-M and FLUX.1-dev need 10, the
-    # default is 8.
+    # Dynamo compiles no more than the limit of graphs per code object, here a block class's forward (with
+    # fullgraph: an error past it), 8 by default: SD3.5-M's blocks are one class and need 10 (FLUX.1-dev: 4 + 6).
     setattr(config, limit, max(getattr(config, limit), 64))
     counter = CompileCounter()
     base = transformer.get_base_model()
