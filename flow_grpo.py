@@ -3204,6 +3204,11 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
 
+# FLUX.1-dev's scheduler_config.json: the shift grows with the image's token count (FluxPolicy.schedule).
+FLUX1_DEV_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+FLUX1_DEV_SCHEDULER.update(base_image_seq_len=256, max_image_seq_len=4096)
+
+
 def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """A randomly initialised FLUX.1-dev-shaped pipeline for a CPU: a FluxTransformer2DModel with one double-stream
     and one single-stream block, the guidance embedding and 3-axis rotary position ids; a 16-channel VAE with
@@ -3231,14 +3236,7 @@ def build_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
     vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)  # FLUX's
     t5 = tiny_t5(t5_tokenizer)
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX1_DEV_SCHEDULER)
     for module in (transformer, vae, t5):
         module.eval()
     return FluxPipeline(

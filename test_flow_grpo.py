@@ -1356,6 +1356,16 @@ def lora_gradient(transformer, loss):
     return torch.cat([p.grad.flatten() for p in params])
 
 
+def every_transformer_path(transformer, inputs):
+    """What a run asks of its transformer: the rollout's forward (no grad), the reference's (no grad, adapter off)
+    and the LoRA gradient of a training forward."""
+    with torch.no_grad():
+        rollout = transformer(**inputs)[0]
+        with transformer.disable_adapter():
+            reference = transformer(**inputs)[0]
+    return rollout, reference, lora_gradient(transformer, transformer(**inputs)[0].square().sum())
+
+
 def moved_lora(tiny_pipe, cfg):
     """A copy of the tiny transformer with a LoRA whose B is not 0: the policy differs from the reference."""
     import copy
@@ -1667,18 +1677,11 @@ def test_sd35_mediums_block_kinds_compile_within_dynamos_limit(tmp_path):
         "pooled_projections": torch.randn(2, 32),
     }
 
-    def every_path():
-        with torch.no_grad():
-            rollout = transformer(**inputs)[0]
-            with transformer.disable_adapter():
-                reference = transformer(**inputs)[0]
-        return rollout, reference, lora_gradient(transformer, transformer(**inputs)[0].square().sum())
-
-    compiled = every_path()
+    compiled = every_transformer_path(transformer, inputs)
     # Without grad: 3 kinds; with the adapter off: 3; with grad: 4, as the first block's inputs need no gradient.
     assert counter.graphs == 3 + 3 + 4
     with torch.compiler.set_stance("force_eager"):
-        for ours, expected in zip(compiled, every_path()):
+        for ours, expected in zip(compiled, every_transformer_path(transformer, inputs)):
             torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-7)
     assert counter.graphs == 10
 
@@ -5156,14 +5159,7 @@ def test_flux1_devs_block_kinds_compile_within_dynamos_limit(tmp_path, monkeypat
         "return_dict": False,
     }
 
-    def every_path():
-        with torch.no_grad():
-            rollout = transformer(**inputs)[0]
-            with transformer.disable_adapter():
-                reference = transformer(**inputs)[0]
-        return rollout, reference, lora_gradient(transformer, transformer(**inputs)[0].square().sum())
-
-    compiled = every_path()
+    compiled = every_transformer_path(transformer, inputs)
     # Without grad: double, first single, single; with the adapter off: the same 3; with grad: 4, as the first
     # double block's inputs need no gradient.
     assert counter.graphs == 3 + 3 + 4
@@ -5171,6 +5167,6 @@ def test_flux1_devs_block_kinds_compile_within_dynamos_limit(tmp_path, monkeypat
     checkpointed = lora_gradient(transformer, transformer(**inputs)[0].square().sum())
     torch.testing.assert_close(checkpointed, compiled[2], rtol=0, atol=0)
     with torch.compiler.set_stance("force_eager"):
-        for ours, expected in zip(compiled, every_path()):
+        for ours, expected in zip(compiled, every_transformer_path(transformer, inputs)):
             torch.testing.assert_close(ours, expected, rtol=0, atol=0)
     assert counter.graphs == 10

@@ -257,7 +257,7 @@ TEXT_TOKENS = 77 + 128  # per transformer input: CLIP padded to 77, T5 to the 12
 # - vae/config.json (magespace/FLUX.1-dev-bnb-nf4): SD3.5's AutoencoderKL layout, FLUX's scale 0.3611 and shift 0.1159;
 # - text_encoder/config.json (magespace/FLUX.1-dev-bnb-8bit): CLIPTextModel with SD3.5's CLIP-L settings;
 # - text_encoder_2/config.json (sitatech/Hyper-FLUX.1-dev-8steps): T5EncoderModel with SD3.5's T5-v1.1-XXL settings;
-# - the scheduler's dynamic shift as flow_grpo.build_tiny_flux_pipeline has it.
+# - scheduler/scheduler_config.json: the dynamic shift, flow_grpo.FLUX1_DEV_SCHEDULER.
 FLUX1_DEV = {
     "transformer": dict(
         patch_size=1,
@@ -274,14 +274,7 @@ FLUX1_DEV = {
     "vae": {**SD35_MEDIUM["vae"], "shift_factor": 0.1159, "scaling_factor": 0.3611},
     "clip_l": SD35_MEDIUM["clip_l"],
     "t5": SD35_MEDIUM["t5"],
-    "scheduler": dict(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    ),
+    "scheduler": fg.FLUX1_DEV_SCHEDULER,
 }
 FLUX_TEXT_TOKENS = 128  # T5 only (CLIP-L gives the pooled vector): the official max_sequence_length
 
