@@ -5,11 +5,12 @@ Read top to bottom next to the paper, after the notation below:
      group_advantages, normalised_log_ratio), the rollout loop (rollout) and the whole per-step objective
      (grpo_step_objective); plain torch, shared with toy_2d.py;
   2. Config: every command-line flag with its default;
-  3. the policy: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft): text, guided velocity, rollout, decode;
+  3. the policy: Stable Diffusion 3.5 Medium + LoRA (diffusers, peft): text, guided velocity, rollout, decode,
+     and the model seam SD3Policy that FLUX.1's FluxPolicy (in 5) implements too;
   4. train(), the paper's Algorithm 1 in five numbered phases, after the pieces of one step it calls;
   5. plumbing, out of the reader's path: setup, validation, run folder, checkpoints, text cache, data
      parallelism, EMA and evaluation, metrics, GPU speed, built-in prompts;
-  6. the tiny random SD3 for CPUs and tests (--model tiny);
+  6. the tiny random SD3 and FLUX for CPUs and tests (--model tiny, --model tiny-flux);
   7. main, the command line.
 Rewards live in rewards.py.
 
@@ -3318,7 +3319,7 @@ def parse_config(argv=None, config_class=None, description=None, epilog=None):
     config_class = config_class or Config
     groups = {}
     if config_class is Config:
-        description = "Flow-GRPO LoRA training of SD3 (arXiv 2505.05470)"
+        description = "Flow-GRPO LoRA training of SD3 and FLUX.1 (arXiv 2505.05470)"
         epilog, groups = RECIPES, FLAG_GROUPS
     parser = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
     sections = {}
