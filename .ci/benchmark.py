@@ -386,8 +386,8 @@ MODELS = {
 
 
 def recipe_of(model):
-    """The training settings a model's benchmark runs start from: FLUX's official recipe, else flow_grpo's defaults."""
-    return dict(fg.FLUX_RECIPE) if model == "flux.1-dev" else {}
+    """The settings a model's benchmark runs start from, as flow_grpo's command line: FLUX_RECIPE for any FLUX model."""
+    return dict(fg.FLUX_RECIPE) if fg.is_flux(model) else {}
 
 
 def build_pickscore(device="meta", dtype=torch.bfloat16, park=None):
